@@ -1,0 +1,48 @@
+// Argument checks shared by the CPU and CUDA kernels, so both backends reject the same inputs
+// with the same messages. Each message names the argument and the offending value.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace diffrec {
+
+// Ids (items, steps, offsets) must be int64 and lie in [lo, hi). On failure the message names
+// the first offending position and its value. Skipped for CUDA tensors while a CUDA graph is
+// being captured (a device-to-host read is not allowed there).
+void check_ids_in_range(const at::Tensor& ids, int64_t lo, int64_t hi, const char* name);
+
+// Set by the CUDA translation unit at load time; null in a CPU-only build.
+extern bool (*cuda_stream_is_capturing)();
+
+void check_float_tensor(const at::Tensor& t, const char* name);
+void check_same_device(const at::Tensor& reference, const at::Tensor& t, const char* ref_name,
+                       const char* name);
+
+void check_denoiser_input_args(const at::Tensor& item_emb, const at::Tensor& pos_emb,
+                               const at::Tensor& steps, const at::Tensor& sqrt_abar,
+                               const at::Tensor& sqrt_one_minus_abar, const at::Tensor& noise,
+                               const c10::optional<at::Tensor>& padding_mask,
+                               int64_t noised_positions);
+
+void check_denoiser_input_backward_args(const at::Tensor& grad_out, const at::Tensor& steps,
+                                        const at::Tensor& sqrt_abar,
+                                        const c10::optional<at::Tensor>& padding_mask,
+                                        int64_t noised_positions);
+
+// hidden [B, S, d] (seed ops) or [B, d] (cross-entropy, pass seeded = false); weight [V, d];
+// bias [V] or none. Returns V.
+int64_t check_catalog_args(const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, bool seeded);
+
+// CSR exclusion list: both present or both absent; offsets [B + 1] non-decreasing from 0 to nnz;
+// ids in [0, V).
+void check_exclusion_args(const c10::optional<at::Tensor>& exclude_offsets,
+                          const c10::optional<at::Tensor>& exclude_ids, int64_t batch,
+                          int64_t num_items, const at::Tensor& hidden);
+
+// targets [B] int64 in [0, V), on hidden's device.
+void check_targets(const at::Tensor& targets, int64_t batch, int64_t num_items,
+                   const at::Tensor& hidden);
+
+}  // namespace diffrec

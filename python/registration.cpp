@@ -1,0 +1,27 @@
+// Schemas of every op in the diffrec_ext namespace. The CPU kernels register in csrc/cpu/, the
+// CUDA kernels in csrc/cuda/, the fake (meta) kernels and autograd in diffrec_ext/ops.py, and the
+// pure-PyTorch twins with the same names live in diffrec_ext/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(diffrec_ext, m) {
+  m.def(
+      "denoiser_input(Tensor item_emb, Tensor pos_emb, Tensor steps, Tensor sqrt_abar, "
+      "Tensor sqrt_one_minus_abar, Tensor noise, Tensor? padding_mask, int noised_positions, "
+      "bool add_position, bool add_step) -> Tensor");
+  m.def(
+      "denoiser_input_backward(Tensor grad_out, Tensor steps, Tensor sqrt_abar, "
+      "Tensor? padding_mask, int noised_positions, bool add_position) -> (Tensor, Tensor)");
+  m.def("seed_avg_probs(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "seed_topk(Tensor hidden, Tensor weight, Tensor? bias, int k, Tensor? exclude_offsets, "
+      "Tensor? exclude_ids) -> (Tensor, Tensor)");
+  m.def(
+      "seed_target_rank(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor? exclude_offsets, Tensor? exclude_ids) -> Tensor");
+  m.def(
+      "catalog_xent(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "catalog_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor targets, Tensor lse) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,58 @@
+"""Builds diffrec_ext._C: a CUDAExtension when torch is a CUDA build and nvcc is found, else a
+CppExtension. DIFFREC_EXT_CUDA=0 forces the CPU-only build, =1 demands CUDA (fails without nvcc).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 8.0;9.0)."""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+VERSION = "0.1.0"
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def want_cuda() -> bool:
+    choice = os.environ.get("DIFFREC_EXT_CUDA", "auto").lower()
+    if choice not in ("auto", "0", "1"):
+        raise SystemExit(f"DIFFREC_EXT_CUDA must be auto, 0 or 1, got {choice!r}")
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if choice == "1" and not available:
+        raise SystemExit(
+            "DIFFREC_EXT_CUDA=1 but torch is not a CUDA build or nvcc was not found "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
+        )
+    return available and choice != "0"
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("python/*.cpp"))
+    cxx = ["-O3", "-std=c++17", f'-DDIFFREC_EXT_VERSION="{VERSION}"']
+    if os.name != "nt":
+        cxx += ["-fopenmp"]
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "diffrec_ext._C", sources, include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    cuda_flags = ["-DDIFFREC_WITH_CUDA", f'-DDIFFREC_CUDA_ARCHS="{archs}"']
+    return cpp_extension.CUDAExtension(
+        "diffrec_ext._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={
+            "cxx": cxx + cuda_flags,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *cuda_flags,
+                     f'-DDIFFREC_EXT_VERSION="{VERSION}"'],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    version=VERSION,
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
