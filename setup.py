@@ -28,7 +28,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("python/*.cpp"))
-    cxx = ["-O3", "-std=c++17", f'-DDIFFREC_EXT_VERSION="{VERSION}"']
+    cxx = ["-O3", f'-DDIFFREC_EXT_VERSION="{VERSION}"']
     if os.name != "nt":
         cxx += ["-fopenmp"]
     if not want_cuda():
@@ -44,7 +44,7 @@ def extension():
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
             "cxx": cxx + cuda_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *cuda_flags,
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *cuda_flags,
                      f'-DDIFFREC_EXT_VERSION="{VERSION}"'],
         },
         extra_link_args=["-fopenmp"],

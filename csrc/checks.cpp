@@ -1,5 +1,8 @@
 #include "checks.h"
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <sstream>
 
 namespace diffrec {
@@ -14,7 +17,27 @@ std::string shape_of(const at::Tensor& t) {
   return out.str();
 }
 
+bool poison_outputs() {
+  static const bool enabled = [] {
+    const char* flag = std::getenv("DIFFREC_EXT_POISON_OUTPUTS");
+    return flag != nullptr && std::strcmp(flag, "0") != 0 && flag[0] != '\0';
+  }();
+  return enabled;
+}
+
 }  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs()) {
+    if (at::isFloatingType(out.scalar_type())) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else if (out.scalar_type() == at::kLong) {
+      out.fill_(std::numeric_limits<int64_t>::min());
+    }
+  }
+  return out;
+}
 
 void check_ids_in_range(const at::Tensor& ids, int64_t lo, int64_t hi, const char* name) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, name, " must be int64, got ", ids.scalar_type());

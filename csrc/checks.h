@@ -7,6 +7,11 @@
 
 namespace diffrec {
 
+// Allocates an op's output. With DIFFREC_EXT_POISON_OUTPUTS=1 in the environment (the tests set it)
+// floating outputs are filled with NaN and integer outputs with INT64_MIN first, so an element a
+// kernel forgets to write fails the comparison with the reference instead of passing by luck.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Ids (items, steps, offsets) must be int64 and lie in [lo, hi). On failure the message names
 // the first offending position and its value. Skipped for CUDA tensors while a CUDA graph is
 // being captured (a device-to-host read is not allowed there).

@@ -1,0 +1,108 @@
+// CPU kernels of the catalog cross-entropy L_rec = -log softmax(h W^T + b)[target] (Eq. 17), in
+// catalog tiles so that memory stays O(B * tile): the forward keeps an online log-sum-exp per row
+// and picks the target's logit from its tile; the backward recomputes each tile's logits.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "catalog_tiles.h"
+
+namespace diffrec {
+namespace {
+
+at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> catalog_xent_cpu(const at::Tensor& hidden,
+                                                    const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias,
+                                                    const at::Tensor& targets) {
+  const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/false);
+  const int64_t batch = hidden.size(0);
+  check_targets(targets, batch, num_items, hidden);
+  const at::Tensor target = targets.contiguous();
+  const int64_t* target_item = target.data_ptr<int64_t>();
+  at::Tensor loss = empty_output({batch}, hidden.options().dtype(acc_type(hidden)));
+  at::Tensor lse = empty_output({batch}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "catalog_xent_cpu", [&] {
+    CatalogTiles tiles(hidden, weight, bias.has_value() ? *bias : at::Tensor(), acc_type(hidden));
+    std::vector<OnlineLogSumExp<scalar_t>> state(batch);
+    std::vector<scalar_t> target_logit(batch);
+    for (int64_t start = 0; start < num_items; start += tiles.tile()) {
+      const int64_t count = std::min(tiles.tile(), num_items - start);
+      const scalar_t* logits = tiles.logits(start, count).data_ptr<scalar_t>();
+      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          state[b].update(logits + b * count, count);
+          const int64_t column = target_item[b] - start;
+          if (column >= 0 && column < count) target_logit[b] = logits[b * count + column];
+        }
+      });
+    }
+    scalar_t* loss_out = loss.data_ptr<scalar_t>();
+    scalar_t* lse_out = lse.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      lse_out[b] = state[b].value();
+      loss_out[b] = lse_out[b] - target_logit[b];
+    }
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse) {
+  const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/false);
+  const int64_t batch = hidden.size(0);
+  check_targets(targets, batch, num_items, hidden);
+  const auto acc = acc_type(hidden);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch, "grad_loss must be [B] = [",
+              batch, "], got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == batch, "lse must be [B] = [", batch, "], got ",
+              lse.sizes());
+  check_same_device(hidden, grad_loss, "hidden", "grad_loss");
+  check_same_device(hidden, lse, "hidden", "lse");
+  const at::Tensor target = targets.contiguous();
+  const at::Tensor g = grad_loss.to(acc).contiguous(), row_lse = lse.to(acc).contiguous();
+  at::Tensor grad_hidden_acc = at::zeros({batch, hidden.size(1)}, hidden.options().dtype(acc));
+  at::Tensor grad_weight = empty_output(weight.sizes(), weight.options());
+  at::Tensor grad_bias = empty_output({num_items}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "catalog_xent_backward_cpu", [&] {
+    CatalogTiles tiles(hidden, weight, bias.has_value() ? *bias : at::Tensor(), acc);
+    const int64_t* target_item = target.data_ptr<int64_t>();
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* lse_ptr = row_lse.data_ptr<scalar_t>();
+    for (int64_t start = 0; start < num_items; start += tiles.tile()) {
+      const int64_t count = std::min(tiles.tile(), num_items - start);
+      at::Tensor weight_rows = tiles.weight_rows(start, count);
+      at::Tensor grad_logits = tiles.logits(start, count, weight_rows);
+      scalar_t* gl = grad_logits.data_ptr<scalar_t>();
+      // In place: logits -> (softmax - onehot(target)) * grad_loss.
+      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* row = gl + b * count;
+          for (int64_t i = 0; i < count; ++i) row[i] = std::exp(row[i] - lse_ptr[b]);
+          const int64_t column = target_item[b] - start;
+          if (column >= 0 && column < count) row[column] -= scalar_t(1);
+          for (int64_t i = 0; i < count; ++i) row[i] *= g_ptr[b];
+        }
+      });
+      grad_hidden_acc.addmm_(grad_logits, weight_rows);
+      grad_weight.narrow(0, start, count).copy_(at::mm(grad_logits.t(), tiles.hidden()));
+      grad_bias.narrow(0, start, count).copy_(grad_logits.sum(0));
+    }
+  });
+  return {grad_hidden_acc.to(hidden.scalar_type()), grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffrec_ext, CPU, m) {
+  m.impl("catalog_xent", &catalog_xent_cpu);
+  m.impl("catalog_xent_backward", &catalog_xent_backward_cpu);
+}
+
+}  // namespace diffrec

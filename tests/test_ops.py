@@ -1,0 +1,393 @@
+"""Compiled CPU ops against their PyTorch twins computed in float64 (GUIDE section 4)."""
+
+import math
+
+import pytest
+import torch
+
+from diffrec_ext import ops
+from diffrec_ext import reference as ref
+from diffrec_ext.schedules import NoiseSchedule
+
+pytestmark = pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="compiled extension not built")
+C = torch.ops.diffrec_ext
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double(), expected.double()
+    assert not torch.isnan(out).any(), "output holds NaN (an unwritten element?)"
+    scale = expected.abs().max().item()
+    return (out - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def test_extension_is_built():
+    assert ops.HAVE_EXTENSION, ops.BUILD_INFO
+    assert ops.BUILD_INFO["version"] == "0.1.0"
+
+
+# ----------------------------------------------------------------------------- denoiser input
+
+
+def denoiser_case(batch, length, dim, k, dtype, padded, num_steps=1000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    schedule = NoiseSchedule.create("sqrt", num_steps)
+    sa, so = schedule.noising_tables(dtype=torch.float32)
+    item = torch.randn(batch, length, dim, generator=gen).to(dtype)
+    pos = torch.randn(length, dim, generator=gen).to(dtype)
+    steps = torch.randint(0, num_steps + 1, (batch,), generator=gen)
+    noise = torch.randn(batch, k, dim, generator=gen).to(dtype)
+    mask = None
+    if padded:  # left padding: the first (T - len) positions of each row
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+        mask = torch.arange(length)[None, :] < (length - lengths)[:, None]
+    return item, pos, steps, sa, so, noise, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch,length,dim,k", [(1, 1, 1, 1), (3, 7, 33, 0), (4, 50, 64, 1), (2, 5, 8, 5), (5, 9, 256, 3)]
+)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("add_position,add_step", [(True, True), (False, True), (True, False), (False, False)])
+def test_denoiser_input_matches_twin(dtype, batch, length, dim, k, padded, add_position, add_step):
+    item, pos, steps, sa, so, noise, mask = denoiser_case(batch, length, dim, k, dtype, padded)
+    out = C.denoiser_input(item, pos, steps, sa, so, noise, mask, k, add_position, add_step)
+    args64 = [t.double() if t is not None and t.is_floating_point() else t for t in (item, pos, steps, sa, so, noise)]
+    expected = ref.denoiser_input(*args64, mask, k, add_position, add_step)
+    assert out.dtype == dtype and out.shape == item.shape
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    if mask is not None:
+        assert (out[mask] == 0).all()
+
+
+def test_denoiser_input_large_steps_keep_float32_precision():
+    # n * w_0 = 10000 rad: a float32 sine would be off by ~1e-3 here.
+    item, pos, _, sa, so, noise, _ = denoiser_case(2, 3, 16, 1, torch.float32, False, num_steps=10000)
+    steps = torch.tensor([10000, 9999])
+    out = C.denoiser_input(item, pos, steps, sa, so, noise, None, 1, True, True)
+    expected = ref.denoiser_input(item.double(), pos.double(), steps, sa.double(), so.double(),
+                                  noise.double(), None, 1, True, True)
+    assert rel_err(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,length,dim,k", [(1, 1, 1, 1), (3, 7, 33, 2), (6, 50, 64, 50)])
+@pytest.mark.parametrize("add_position", [True, False])
+def test_denoiser_input_backward_matches_twin(dtype, batch, length, dim, k, add_position):
+    _, _, steps, sa, _, _, mask = denoiser_case(batch, length, dim, k, dtype, True, seed=1)
+    grad = torch.randn(batch, length, dim).to(dtype)
+    grad_item, grad_pos = C.denoiser_input_backward(grad, steps, sa, mask, k, add_position)
+    exp_item, exp_pos = ref.denoiser_input_backward(grad.double(), steps, sa.double(), mask, k, add_position)
+    assert rel_err(grad_item, exp_item) < TOLERANCE[dtype]
+    if add_position:
+        assert rel_err(grad_pos, exp_pos) < TOLERANCE[dtype] * math.sqrt(batch)
+    else:
+        assert (grad_pos == 0).all()
+
+
+def test_denoiser_input_gradcheck():
+    item, pos, steps, sa, so, noise, mask = denoiser_case(3, 4, 5, 2, torch.float64, True, num_steps=50)
+    item.requires_grad_(True)
+    pos.requires_grad_(True)
+    sa, so = sa.double(), so.double()
+    fn = lambda i, p: ops.denoiser_input(i, p, steps, sa, so, noise, mask, 2, True, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (item, pos))
+
+
+# ----------------------------------------------------------------------------- seed-averaged scores
+
+
+def catalog_case(batch, seeds, dim, num_items, dtype, with_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seeds, dim, generator=gen).to(dtype)
+    weight = (torch.randn(num_items, dim, generator=gen) * (2.0 / math.sqrt(dim))).to(dtype)
+    bias = torch.randn(num_items, generator=gen).to(dtype) if with_bias else None
+    return hidden, weight, bias
+
+
+def random_exclusions(batch, num_items, seed=0, max_per_user=12):
+    gen = torch.Generator().manual_seed(seed)
+    lists = []
+    for _ in range(batch):
+        count = int(torch.randint(0, max_per_user + 1, (1,), generator=gen))
+        lists.append(torch.randint(0, num_items, (count,), generator=gen).tolist())
+    return ops.exclusion_csr(lists)
+
+
+def f64(*tensors):
+    return [t.double() if t is not None else None for t in tensors]
+
+
+SEED_CASES = [
+    # batch, seeds, dim, V, k
+    (1, 1, 1, 1, 1),
+    (3, 10, 16, 1000, 1),
+    (2, 3, 8, 300, 300),
+    (64, 10, 16, 7919, 20),  # several catalog tiles, V prime
+    (5, 2, 33, 4099, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seeds,dim,num_items,k", SEED_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_seed_avg_probs_matches_twin(dtype, batch, seeds, dim, num_items, k, with_bias):
+    hidden, weight, bias = catalog_case(batch, seeds, dim, num_items, dtype, with_bias)
+    out = C.seed_avg_probs(hidden, weight, bias)
+    expected = ref.seed_avg_probs(*f64(hidden, weight, bias))
+    assert out.dtype == torch.float32 and out.shape == (batch, num_items)
+    assert rel_err(out, expected) < 1e-5  # float32 accumulation of exactly representable inputs
+
+
+def assert_topk_close(values, indices, hidden, weight, bias, k, offsets=None, ids=None):
+    expected_values, _ = ref.seed_topk(*f64(hidden, weight, bias), k, offsets, ids)
+    assert rel_err(values, expected_values) < 1e-5
+    scores = ref.seed_avg_probs(*f64(hidden, weight, bias))
+    # Each returned item really has the returned score (ties may pick different items)...
+    assert rel_err(scores.gather(1, indices), expected_values) < 1e-5
+    # ...and is distinct, not excluded, and the values are sorted.
+    assert all(len(set(row)) == k for row in indices.tolist())
+    if offsets is not None:
+        mask = ref.exclusion_mask(offsets, ids, *scores.shape, scores.device)
+        assert not mask.gather(1, indices).any()
+    assert (values[:, :-1] >= values[:, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seeds,dim,num_items,k", SEED_CASES)
+@pytest.mark.parametrize("exclude", [False, True])
+def test_seed_topk_matches_twin(dtype, batch, seeds, dim, num_items, k, exclude):
+    hidden, weight, bias = catalog_case(batch, seeds, dim, num_items, dtype, seed=2)
+    offsets = ids = None
+    if exclude and num_items > k + 12:
+        offsets, ids = random_exclusions(batch, num_items)
+    values, indices = C.seed_topk(hidden, weight, bias, k, offsets, ids)
+    assert values.shape == (batch, k) and indices.dtype == torch.int64
+    assert_topk_close(values, indices, hidden, weight, bias, k, offsets, ids)
+
+
+def test_seed_topk_ties_prefer_smaller_ids():
+    hidden = torch.zeros(2, 3, 4)
+    weight = torch.zeros(10, 4)  # every item has the same score 1/10
+    values, indices = C.seed_topk(hidden, weight, None, 4, None, None)
+    assert indices.tolist() == [[0, 1, 2, 3]] * 2
+    assert torch.allclose(values, torch.full((2, 4), 0.1))
+
+
+def test_seed_topk_exclusion_of_all_but_k():
+    hidden, weight, bias = catalog_case(1, 2, 8, 20, torch.float32)
+    offsets, ids = ops.exclusion_csr([list(range(0, 20, 2))])
+    values, indices = C.seed_topk(hidden, weight, bias, 10, offsets, ids)
+    assert sorted(indices[0].tolist()) == list(range(1, 20, 2))
+
+
+def rank_slack(scores, targets, rel=1e-5):
+    """Items whose float64 score is within rounding of the target's: ranks may differ by these."""
+    target_scores = scores.gather(1, targets[:, None])
+    return ((scores - target_scores).abs() <= rel * target_scores.abs()).sum(1) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seeds,dim,num_items,k", SEED_CASES)
+@pytest.mark.parametrize("exclude", [False, True])
+def test_seed_target_rank_matches_twin(dtype, batch, seeds, dim, num_items, k, exclude):
+    hidden, weight, bias = catalog_case(batch, seeds, dim, num_items, dtype, seed=3)
+    targets = torch.randint(0, num_items, (batch,), generator=torch.Generator().manual_seed(4))
+    offsets = ids = None
+    if exclude:
+        offsets, ids = random_exclusions(batch, num_items, seed=5)
+    ranks = C.seed_target_rank(hidden, weight, bias, targets, offsets, ids)
+    expected = ref.seed_target_rank(*f64(hidden, weight, bias), targets, offsets, ids)
+    slack = rank_slack(ref.seed_avg_probs(*f64(hidden, weight, bias)), targets)
+    assert ranks.dtype == torch.int64
+    assert ((ranks - expected).abs() <= slack).all(), (ranks, expected)
+
+
+def test_seed_target_rank_counts_ties_against_the_target():
+    hidden = torch.zeros(1, 2, 4)
+    weight = torch.zeros(7, 4)
+    ranks = C.seed_target_rank(hidden, weight, None, torch.tensor([3]), None, None)
+    assert ranks.tolist() == [6]
+
+
+def test_seed_topk_is_consistent_with_target_rank():
+    hidden, weight, bias = catalog_case(8, 4, 16, 5000, torch.float32, seed=6)
+    _, indices = C.seed_topk(hidden, weight, bias, 10, None, None)
+    ranks = C.seed_target_rank(hidden, weight, bias, indices[:, 3].contiguous(), None, None)
+    assert ranks.tolist() == [3] * 8
+
+
+# ----------------------------------------------------------------------------- catalog cross-entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,dim,num_items", [(1, 1, 1), (7, 33, 1000), (256, 16, 9001), (3, 64, 40000)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_catalog_xent_matches_twin(dtype, batch, dim, num_items, with_bias):
+    hidden, weight, bias = catalog_case(batch, 1, dim, num_items, dtype, with_bias, seed=7)
+    hidden = hidden[:, 0].contiguous()
+    targets = torch.randint(0, num_items, (batch,), generator=torch.Generator().manual_seed(8))
+    loss, lse = C.catalog_xent(hidden, weight, bias, targets)
+    exp_loss, exp_lse = ref.catalog_xent(*f64(hidden, weight, bias), targets)
+    assert rel_err(lse, exp_lse) < 1e-5
+    assert rel_err(loss, exp_loss) < 1e-5 or num_items == 1
+
+    grad_loss = torch.rand(batch)
+    grads = C.catalog_xent_backward(grad_loss, hidden, weight, bias, targets, lse)
+    expected = ref.catalog_xent_backward(grad_loss.double(), *f64(hidden, weight, bias), targets, exp_lse)
+    for got, want, like in zip(grads, expected, (hidden, weight, weight)):
+        assert got.dtype == like.dtype and got.shape == want.shape
+        assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+def test_catalog_xent_gradcheck():
+    hidden, weight, bias = catalog_case(4, 1, 6, 37, torch.float64, seed=9)
+    hidden = hidden[:, 0].contiguous()
+    targets = torch.tensor([0, 36, 5, 5])
+    inputs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.catalog_xent(h, w, b, targets)[0], inputs)
+
+
+def test_catalog_xent_autograd_matches_eager():
+    hidden, weight, bias = catalog_case(16, 1, 8, 500, torch.float32, seed=10)
+    hidden = hidden[:, 0].contiguous()
+    targets = torch.randint(0, 500, (16,))
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    ops.catalog_xent(*leaves, targets)[0].mean().backward()
+    eager = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    torch.nn.functional.cross_entropy(eager[0] @ eager[1].T + eager[2], targets).backward()
+    for ours, theirs in zip(leaves, eager):
+        assert rel_err(ours.grad, theirs.grad) < 1e-5
+
+
+# ----------------------------------------------------------------------------- opcheck and compile
+
+
+def opcheck_cases():
+    item, pos, steps, sa, so, noise, mask = denoiser_case(3, 5, 8, 1, torch.float32, True)
+    hidden, weight, bias = catalog_case(3, 2, 8, 50, torch.float32)
+    offsets, ids = random_exclusions(3, 50)
+    targets = torch.tensor([1, 2, 49])
+    hidden2 = hidden[:, 0].contiguous()
+    _, lse = C.catalog_xent(hidden2, weight, bias, targets)
+    grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    return [
+        (C.denoiser_input, (grad(item), grad(pos), steps, sa, so, noise, mask, 1, True, True)),
+        (C.denoiser_input, (item, pos, steps, sa, so, noise, None, 1, False, True)),
+        (C.denoiser_input_backward, (item, steps, sa, mask, 1, True)),
+        (C.seed_avg_probs, (hidden, weight, bias)),
+        (C.seed_topk, (hidden, weight, bias, 5, offsets, ids)),
+        (C.seed_topk, (hidden, weight, None, 50, None, None)),
+        (C.seed_target_rank, (hidden, weight, bias, targets, offsets, ids)),
+        (C.catalog_xent, (grad(hidden2), grad(weight), grad(bias), targets)),
+        (C.catalog_xent, (grad(hidden2), grad(weight), None, targets)),
+        (C.catalog_xent_backward, (torch.rand(3), hidden2, weight, bias, targets, lse)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(opcheck_cases())))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_under_torch_compile_fullgraph():
+    item, pos, steps, sa, so, noise, mask = denoiser_case(4, 6, 16, 1, torch.float32, True)
+    hidden, weight, bias = catalog_case(4, 3, 16, 300, torch.float32)
+    targets = torch.randint(0, 300, (4,))
+
+    def pipeline(item, pos, hidden, weight, bias):
+        x = ops.denoiser_input(item, pos, steps, sa, so, noise, mask, 1, True, True)
+        loss, _ = ops.catalog_xent(x[:, -1], weight, bias, targets)
+        values, indices = ops.seed_topk(hidden, weight, bias, 5)
+        ranks = ops.seed_target_rank(hidden, weight, bias, targets)
+        return x.sum() + loss.mean(), values, indices, ranks, ops.seed_avg_probs(hidden, weight, bias)
+
+    compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(item, pos, hidden, weight, bias), pipeline(item, pos, hidden, weight, bias)):
+        torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_denoiser_inputs_are_named():
+    item, pos, steps, sa, so, noise, mask = denoiser_case(2, 4, 8, 1, torch.float32, True, num_steps=10)
+    call = lambda **kw: C.denoiser_input(  # noqa: E731
+        kw.get("item", item), kw.get("pos", pos), kw.get("steps", steps), sa, so,
+        kw.get("noise", noise), kw.get("mask", mask), kw.get("k", 1), True, True)
+    with pytest.raises(RuntimeError, match=r"steps\[1\] = 11 is out of range \[0, 10\]"):
+        call(steps=torch.tensor([3, 11]))
+    with pytest.raises(RuntimeError, match=r"steps\[0\] = -1"):
+        call(steps=torch.tensor([-1, 0]))
+    with pytest.raises(RuntimeError, match="steps must be int64"):
+        call(steps=steps.int())
+    with pytest.raises(RuntimeError, match="pos_emb must be \\[T, d\\]"):
+        call(pos=pos[:3])
+    with pytest.raises(RuntimeError, match="noise must be \\[B, noised_positions, d\\]"):
+        call(k=2)
+    with pytest.raises(RuntimeError, match="noised_positions = 5 must be in"):
+        call(k=5, noise=torch.randn(2, 5, 8))
+    with pytest.raises(RuntimeError, match="item_emb must be float32, float64, bfloat16 or float16"):
+        call(item=item.long())
+    with pytest.raises(RuntimeError, match="pos_emb dtype"):
+        call(pos=pos.double())
+    with pytest.raises(RuntimeError, match="padding_mask must be bool"):
+        call(mask=mask.int())
+    with pytest.raises(RuntimeError, match="empty batch"):
+        call(item=item[:0], steps=steps[:0], noise=noise[:0], mask=mask[:0])
+
+
+def test_bad_catalog_inputs_are_named():
+    hidden, weight, bias = catalog_case(2, 3, 8, 40, torch.float32)
+    hidden3, _, _ = catalog_case(3, 3, 8, 40, torch.float32)
+    with pytest.raises(RuntimeError, match="k = 0 must be in \\[1, V = 40\\]"):
+        C.seed_topk(hidden, weight, bias, 0, None, None)
+    with pytest.raises(RuntimeError, match="k = 41 must be in \\[1, V = 40\\]"):
+        C.seed_topk(hidden, weight, bias, 41, None, None)
+    with pytest.raises(RuntimeError, match="weight must be \\[V, d\\] with d = 8"):
+        C.seed_topk(hidden, weight[:, :4], bias, 3, None, None)
+    with pytest.raises(RuntimeError, match="bias must be \\[V\\]"):
+        C.seed_avg_probs(hidden, weight, bias[:5])
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        C.seed_avg_probs(hidden, weight.double(), bias)
+    with pytest.raises(RuntimeError, match="hidden must be \\[B, S, d\\]"):
+        C.seed_avg_probs(hidden[0], weight, bias)
+    with pytest.raises(RuntimeError, match="empty batch"):
+        C.seed_topk(hidden[:0], weight, bias, 3, None, None)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = 40 is out of range \[0, 39\]"):
+        C.seed_target_rank(hidden, weight, bias, torch.tensor([0, 40]), None, None)
+    with pytest.raises(RuntimeError, match=r"exclude_ids\[2\] = 99 is out of range"):
+        C.seed_topk(hidden, weight, bias, 3, torch.tensor([0, 1, 3]), torch.tensor([1, 2, 99]))
+    with pytest.raises(RuntimeError, match="exclude_offsets must be non-decreasing"):
+        C.seed_topk(hidden3, weight, bias, 3, torch.tensor([0, 2, 1, 2]), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="must equal len\\(exclude_ids\\)"):
+        C.seed_topk(hidden, weight, bias, 3, torch.tensor([0, 1, 1]), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="given together"):
+        C.seed_topk(hidden, weight, bias, 3, torch.tensor([0, 1, 1]), None)
+    offsets, ids = ops.exclusion_csr([list(range(38)), []])
+    with pytest.raises(RuntimeError, match="k = 3 exceeds the 2 items left for user 0"):
+        C.seed_topk(hidden, weight, bias, 3, offsets, ids)
+    with pytest.raises(RuntimeError, match=r"targets\[0\] = -3"):
+        C.catalog_xent(hidden[:, 0].contiguous(), weight, bias, torch.tensor([-3, 0]))
+    with pytest.raises(RuntimeError, match="targets must be \\[B\\]"):
+        C.catalog_xent(hidden[:, 0].contiguous(), weight, bias, torch.tensor([0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device type")
+def test_device_mismatch_is_named():
+    hidden, weight, bias = catalog_case(2, 3, 8, 40, torch.float32)
+    with pytest.raises(RuntimeError, match="weight is on cuda"):
+        C.seed_avg_probs(hidden, weight.cuda(), bias)
+
+
+def test_python_fallback_twins_share_the_contract(monkeypatch):
+    """With the extension missing, the wrappers run the twins and give the same results."""
+    hidden, weight, bias = catalog_case(3, 2, 8, 60, torch.float32)
+    compiled = ops.seed_topk(hidden, weight, bias, 4)
+    monkeypatch.setattr(ops, "HAVE_EXTENSION", False)
+    fallback = ops.seed_topk(hidden, weight, bias, 4)
+    torch.testing.assert_close(compiled[0], fallback[0])
+    assert torch.equal(compiled[1], fallback[1])
