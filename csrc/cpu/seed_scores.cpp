@@ -56,6 +56,23 @@ struct SeedScorer {
     return total / static_cast<acc_t>(seeds);
   }
 
+  // log of the exact seed-averaged score of one item for user b, whose logit for seed s is at
+  // first[s * stride]. Used where scores are compared with each other, so that probabilities
+  // below float range (1e-38) still order correctly instead of tying at zero.
+  acc_t log_score(const acc_t* first, int64_t stride, int64_t b) const {
+    const acc_t* shift = lse.data() + b * seeds;
+    acc_t largest = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t s = 0; s < seeds; ++s) largest = std::max(largest, first[s * stride] - shift[s]);
+    acc_t total = 0;
+    for (int64_t s = 0; s < seeds; ++s) total += std::exp(first[s * stride] - shift[s] - largest);
+    return largest + std::log(total / static_cast<acc_t>(seeds));
+  }
+
+  // The same for item column i of a tile of `count` columns.
+  acc_t log_score(const acc_t* logits, int64_t count, int64_t b, int64_t i) const {
+    return log_score(logits + b * seeds * count + i, count, b);
+  }
+
   // bound[i] = max_s (logit - lse) for user b: log of an upper bound on the item's score.
   void log_bound(const acc_t* logits, int64_t count, int64_t b, acc_t* bound) const {
     const acc_t* row = logits + b * seeds * count;
@@ -233,39 +250,37 @@ at::Tensor seed_target_rank_cpu(const at::Tensor& hidden, const at::Tensor& weig
     SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden));
     // The target's exact score is only known once its tile comes by. Until then each item is
     // compared with an estimate from a direct dot product: items far from it are settled at
-    // once, the few close to it wait in `pending` for the exact score.
+    // once, the few close to it wait in `pending` for the exact score. All in the log domain.
     const at::Tensor hidden_acc = hidden.to(acc_type(hidden));
     at::Tensor target_rows = weight.index_select(0, target).to(acc_type(hidden));
     at::Tensor target_logits = at::einsum("bsd,bd->bs", {hidden_acc, target_rows});
-    if (bias.has_value()) target_logits += bias->index_select(0, target).to(acc_type(hidden)).unsqueeze(1);
-    const scalar_t* tl = target_logits.contiguous().data_ptr<scalar_t>();
-    std::vector<scalar_t> estimate(batch), exact(batch, -1);
+    if (bias.has_value()) {
+      target_logits += bias->index_select(0, target).to(acc_type(hidden)).unsqueeze(1);
+    }
+    target_logits = target_logits.contiguous();
+    const scalar_t* tl = target_logits.data_ptr<scalar_t>();
+    std::vector<scalar_t> estimate(batch), exact(batch), slack(batch);
     for (int64_t b = 0; b < batch; ++b) {
-      scalar_t total = 0;
-      for (int64_t s = 0; s < scorer.seeds; ++s)
-        total += std::exp(tl[b * scorer.seeds + s] - scorer.lse[b * scorer.seeds + s]);
-      estimate[b] = total / static_cast<scalar_t>(scorer.seeds);
+      estimate[b] = scorer.log_score(tl + b * scorer.seeds, 1, b);
+      slack[b] = static_cast<scalar_t>(kBoundSlack) * std::max(scalar_t(1), std::abs(estimate[b]));
     }
     std::vector<int64_t> count_above(batch, 0);
     std::vector<std::vector<scalar_t>> pending(batch);
-    const scalar_t slack_log = static_cast<scalar_t>(std::log1p(-kBoundSlack));
     scorer.for_each_tile([&](int64_t start, int64_t count, const scalar_t* logits) {
       at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
         std::vector<scalar_t> bound(count);
         for (int64_t b = b0; b < b1; ++b) {
           scorer.log_bound(logits, count, b, bound.data());
-          const scalar_t skip_below = std::log(estimate[b]) + slack_log;
-          const scalar_t low = estimate[b] * static_cast<scalar_t>(1 - kBoundSlack);
-          const scalar_t high = estimate[b] * static_cast<scalar_t>(1 + kBoundSlack);
+          const scalar_t low = estimate[b] - slack[b], high = estimate[b] + slack[b];
           for (int64_t i = 0; i < count; ++i) {
             const int64_t item = start + i;
             if (item == target_item[b]) {
-              exact[b] = scorer.score(logits, count, b, i);
+              exact[b] = scorer.log_score(logits, count, b, i);
               continue;
             }
-            if (bound[i] < skip_below) continue;
+            if (bound[i] < low) continue;
             if (cursors[b].excludes(item)) continue;
-            const scalar_t value = scorer.score(logits, count, b, i);
+            const scalar_t value = scorer.log_score(logits, count, b, i);
             if (value > high) {
               ++count_above[b];
             } else if (value >= low) {

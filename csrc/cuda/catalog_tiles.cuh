@@ -1,0 +1,267 @@
+// Pieces shared by the catalog kernels (seed_scores.cu, catalog_xent.cu). The catalog (the rows of
+// `weight`) is swept in tiles of items: one cuBLAS GEMM writes a tile's logits, in the accumulation
+// dtype, into a reusable buffer [rows, tile], and small fused kernels consume it. Nothing of size
+// [rows, V] is ever allocated, so the extra memory is the tile buffer plus O(rows).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "device_utils.cuh"
+
+namespace diffrec::cuda {
+
+// Bytes of per-tile scratch (the logits tile and whatever an op keeps beside it). 32 MiB keeps
+// the tile mostly resident in the 50 MB L2 of an H100/H200 between the GEMM that writes it and the
+// kernel that reads it, and every op well under 64 MB of extra memory.
+constexpr int64_t kTileScratchBytes = int64_t(32) << 20;
+// Tile widths are multiples of this many items, so every row of the buffer is 16-byte aligned
+// (quad loads) and the GEMM's n stays tensor-core friendly.
+constexpr int64_t kTileAlign = 256;
+constexpr int64_t kMaxTileWidth = 32768;
+
+// Items per tile for a sweep that keeps `bytes_per_item` bytes of scratch per item of the tile.
+inline int64_t catalog_tile_width(int64_t bytes_per_item, int64_t num_items) {
+  int64_t width = kTileScratchBytes / std::max<int64_t>(bytes_per_item, 1);
+  width = std::clamp<int64_t>(width / kTileAlign * kTileAlign, kTileAlign, kMaxTileWidth);
+  const int64_t whole_catalog = (num_items + kTileAlign - 1) / kTileAlign * kTileAlign;
+  return std::min(width, whole_catalog);
+}
+
+// The kernels index items with 32-bit ints and cuBLAS takes int dimensions.
+inline void check_fits_int32(int64_t value, const char* what) {
+  TORCH_CHECK(value <= std::numeric_limits<int32_t>::max(), "the CUDA kernels need ", what,
+              " < 2^31, got ", value);
+}
+
+template <typename T>
+struct CudaDataType;
+template <>
+struct CudaDataType<float> {
+  static constexpr cudaDataType_t value = CUDA_R_32F;
+};
+template <>
+struct CudaDataType<double> {
+  static constexpr cudaDataType_t value = CUDA_R_64F;
+};
+template <>
+struct CudaDataType<at::BFloat16> {
+  static constexpr cudaDataType_t value = CUDA_R_16BF;
+};
+template <>
+struct CudaDataType<at::Half> {
+  static constexpr cudaDataType_t value = CUDA_R_16F;
+};
+
+// Row-major C[M, N] = op(A) @ op(B) (+ C when accumulate), op = transpose where asked; A and B are
+// row-major with row strides lda and ldb. cuBLAS is column-major, so it computes C^T = op(B)^T
+// op(A)^T. Inputs of in_t, output of out_t (bf16/fp16 inputs may write fp32: the tensor cores
+// accumulate in fp32 and nothing is rounded to bf16 on the way). fp32 inputs follow PyTorch's TF32
+// setting, which getCurrentCUDABlasHandle applies to the handle (off by default).
+template <typename in_t, typename out_t>
+void gemm_row_major(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const in_t* A,
+                    int64_t lda, const in_t* B, int64_t ldb, out_t* C, int64_t ldc,
+                    bool accumulate) {
+  using compute_t = at::opmath_type<in_t>;
+  const compute_t alpha = 1;
+  const compute_t beta = accumulate ? 1 : 0;
+  const cublasComputeType_t compute =
+      std::is_same_v<in_t, double> ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // on the current stream
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
+      CudaDataType<in_t>::value, static_cast<int>(ldb), A, CudaDataType<in_t>::value,
+      static_cast<int>(lda), &beta, C, CudaDataType<out_t>::value, static_cast<int>(ldc), compute,
+      CUBLAS_GEMM_DEFAULT));
+}
+
+// logits[rows, width] (row stride ld) = hidden[rows, dim] @ weight[first_item : first_item +
+// width, dim]^T, without the bias (the epilogues add it).
+template <typename scalar_t>
+void catalog_logits_tile(const scalar_t* hidden, int64_t rows, int64_t dim, const scalar_t* weight,
+                         int64_t first_item, int64_t width, at::opmath_type<scalar_t>* logits,
+                         int64_t ld) {
+  gemm_row_major<scalar_t, at::opmath_type<scalar_t>>(false, true, rows, width, dim, hidden, dim,
+                                                      weight + first_item * dim, dim, logits, ld,
+                                                      false);
+}
+
+// Four consecutive items of a tile row. Tile buffers are at::empty allocations (512-byte aligned)
+// with row strides that are multiples of kTileAlign, so every quad starting at a multiple of 4 is
+// aligned. (A quad of doubles is two 16-byte accesses.)
+template <typename T>
+using Quad = Vec<T, 4>;
+
+template <typename T>
+__device__ __forceinline__ Quad<T> load_quad(const T* p) {
+  return load_vec<T, 4>(p);
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t negative_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t bias_at(const scalar_t* bias, int64_t item) {
+  return bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[item]);
+}
+
+// Folds (other_max, other_sum) into the running (max, sum) of exp(x - max).
+template <typename acc_t>
+__device__ __forceinline__ void merge_max_sum(acc_t& max, acc_t& sum, acc_t other_max,
+                                              acc_t other_sum) {
+  const acc_t merged = other_max > max ? other_max : max;
+  if (merged == negative_infinity<acc_t>()) return;  // both empty: exp(-inf - -inf) is NaN
+  sum = sum * exp_acc(max - merged) + other_sum * exp_acc(other_max - merged);
+  max = merged;
+}
+
+// One tile of an online log-sum-exp over the catalog, per row of the logits buffer.
+template <typename scalar_t, typename acc_t>
+struct LogSumExpTile {
+  const acc_t* logits;  // [rows, ld]: this tile's raw GEMM output (no bias)
+  int64_t ld;
+  int64_t rows;
+  int64_t width;
+  int64_t first_item;
+  const scalar_t* bias;  // [V] or nullptr
+  acc_t* running_max;    // [rows], carried from tile to tile
+  acc_t* running_sum;    // [rows]
+  bool first_tile;
+  bool last_tile;
+  const int64_t* targets;  // [rows / rows_per_target] or nullptr: keep the target's raw logit
+  int64_t rows_per_target;
+  acc_t* target_logit;  // [rows]
+  acc_t* lse;           // [rows], written on the last tile (may alias running_max)
+  acc_t* loss;          // [rows] or nullptr: lse - (target logit + bias), on the last tile
+};
+
+constexpr int kWarpSize = 32;
+constexpr int kLseThreads = 256;
+constexpr int kLseRowsPerBlock = kLseThreads / kWarpSize;  // one warp per row
+constexpr int kLseQuadsPerStep = 4;  // quads a lane loads before folding them (memory parallelism)
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kLseThreads)
+    logsumexp_tile_kernel(LogSumExpTile<scalar_t, acc_t> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = int64_t(blockIdx.x) * kLseRowsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= p.rows) return;  // whole warps only
+  const acc_t* line = p.logits + row * p.ld;
+  const acc_t minus_inf = negative_infinity<acc_t>();
+  acc_t run_max = minus_inf, run_sum = 0;
+  constexpr int64_t kStep = int64_t(kWarpSize) * 4 * kLseQuadsPerStep;
+  for (int64_t base = int64_t(lane) * 4; base < p.width; base += kStep) {
+    acc_t x[kLseQuadsPerStep][4];
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q) {
+      const int64_t j = base + int64_t(q) * kWarpSize * 4;
+      Quad<acc_t> raw{};
+      if (j < p.width) raw = load_quad(line + j);  // j + 3 < ld: ld is a multiple of 4
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        x[q][c] = j + c < p.width ? raw.v[c] + bias_at<acc_t>(p.bias, p.first_item + j + c)
+                                  : minus_inf;
+      }
+    }
+    // Max first, then one exp per logit: no per-element rescaling.
+    acc_t step_max = minus_inf;
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) step_max = x[q][c] > step_max ? x[q][c] : step_max;
+    const acc_t new_max = step_max > run_max ? step_max : run_max;
+    if (new_max == minus_inf) continue;
+    acc_t sum = run_sum * exp_acc(run_max - new_max);
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sum += exp_acc(x[q][c] - new_max);
+    run_max = new_max;
+    run_sum = sum;
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const acc_t other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);
+    const acc_t other_sum = __shfl_xor_sync(0xffffffffu, run_sum, offset);
+    merge_max_sum(run_max, run_sum, other_max, other_sum);
+  }
+  if (lane != 0) return;
+  if (p.targets != nullptr) {
+    const int64_t column = p.targets[row / p.rows_per_target] - p.first_item;
+    if (column >= 0 && column < p.width) p.target_logit[row] = line[column];
+  }
+  if (!p.first_tile) merge_max_sum(run_max, run_sum, p.running_max[row], p.running_sum[row]);
+  if (!p.last_tile) {
+    p.running_max[row] = run_max;
+    p.running_sum[row] = run_sum;
+    return;
+  }
+  const acc_t lse = run_max + log_acc(run_sum);
+  p.lse[row] = lse;
+  if (p.loss != nullptr) {
+    const int64_t target = p.targets[row / p.rows_per_target];
+    p.loss[row] = lse - (p.target_logit[row] + bias_at<acc_t>(p.bias, target));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_logsumexp_tile(const LogSumExpTile<scalar_t, acc_t>& tile, cudaStream_t stream) {
+  const int64_t blocks = (tile.rows + kLseRowsPerBlock - 1) / kLseRowsPerBlock;
+  logsumexp_tile_kernel<scalar_t, acc_t><<<blocks, kLseThreads, 0, stream>>>(tile);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs the GEMM + online log-sum-exp sweep over the whole catalog for hidden[rows, dim]. Returns
+// lse [rows]. With targets (one per rows_per_target rows), also fills target_logit [rows] with
+// the raw logit of the row's target and, when loss is given, loss [rows].
+template <typename scalar_t>
+at::Tensor catalog_logsumexp(const scalar_t* hidden, int64_t rows, int64_t dim,
+                             const scalar_t* weight, const scalar_t* bias, int64_t num_items,
+                             at::Tensor& logits, int64_t tile, const int64_t* targets,
+                             int64_t rows_per_target, at::opmath_type<scalar_t>* target_logit,
+                             at::opmath_type<scalar_t>* loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor running_max = at::empty({rows}, logits.options());
+  at::Tensor running_sum = at::empty({rows}, logits.options());
+  for (int64_t first = 0; first < num_items; first += tile) {
+    const int64_t width = std::min(tile, num_items - first);
+    catalog_logits_tile(hidden, rows, dim, weight, first, width, logits.data_ptr<acc_t>(), tile);
+    LogSumExpTile<scalar_t, acc_t> step{};
+    step.logits = logits.data_ptr<acc_t>();
+    step.ld = tile;
+    step.rows = rows;
+    step.width = width;
+    step.first_item = first;
+    step.bias = bias;
+    step.running_max = running_max.data_ptr<acc_t>();
+    step.running_sum = running_sum.data_ptr<acc_t>();
+    step.first_tile = first == 0;
+    step.last_tile = first + tile >= num_items;
+    step.targets = targets;
+    step.rows_per_target = rows_per_target;
+    step.target_logit = target_logit;
+    step.lse = running_max.data_ptr<acc_t>();
+    step.loss = loss;
+    launch_logsumexp_tile(step, stream);
+  }
+  return running_max;  // holds the lse after the last tile
+}
+
+}  // namespace diffrec::cuda
