@@ -19,9 +19,10 @@ def shared_data_dir() -> Path | None:
     return None
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    path = shared_data_dir()
-    if path is None:
-        pytest.skip("shared datasets not found (set DIFFREC_DATA or place them at ../shared/data)")
-    return path
+def shared_file(relative: str) -> Path:
+    """A file of the shared datasets, or a skip with the reason when it is absent."""
+    folder = shared_data_dir()
+    if folder is None or not (folder / relative).is_file():
+        pytest.skip(f"needs shared data file {relative}: set DIFFREC_DATA to the folder holding "
+                    "beauty/ and ml-1m/, or place it at ../shared/data")
+    return folder / relative

@@ -2,7 +2,6 @@
 
 import gzip
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -26,18 +25,8 @@ from diffrec_ext.data import (
     read_interactions,
     training_sequences,
 )
+from conftest import shared_file
 from diffrec_ext.synthetic import SyntheticConfig, synthetic_dataset, synthetic_interactions, write_synthetic
-
-SHARED_DATA = Path(os.environ.get("DIFFREC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"needs {path}: the shared data is absent (set DIFFREC_DATA to the folder holding "
-                    "beauty/ and ml-1m/)")
-    return path
-
 
 def write(path: Path, text: str, compress: bool = False) -> Path:
     path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
