@@ -205,11 +205,22 @@ void check_exclusion_args(const c10::optional<at::Tensor>& exclude_offsets,
 }
 
 void check_targets(const at::Tensor& targets, int64_t batch, int64_t num_items,
-                   const at::Tensor& hidden) {
+                   const at::Tensor& hidden, bool allow_absent) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == batch, "targets must be [B] = [", batch,
               "], got shape ", shape_of(targets));
   check_same_device(hidden, targets, "hidden", "targets");
-  check_ids_in_range(targets, 0, num_items, "targets");
+  check_ids_in_range(targets, allow_absent ? -1 : 0, num_items, "targets");
+}
+
+void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden) {
+  if (!lse.has_value()) return;
+  const auto expected = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse->dim() == 2 && lse->size(0) == hidden.size(0) && lse->size(1) == hidden.size(1),
+              "lse must be [B, S] = [", hidden.size(0), ", ", hidden.size(1), "], got shape ",
+              shape_of(*lse));
+  TORCH_CHECK(lse->scalar_type() == expected, "lse must be ", expected, " for ",
+              hidden.scalar_type(), " hidden, got ", lse->scalar_type());
+  check_same_device(hidden, *lse, "hidden", "lse");
 }
 
 }  // namespace diffrec

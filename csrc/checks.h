@@ -46,8 +46,13 @@ void check_exclusion_args(const c10::optional<at::Tensor>& exclude_offsets,
                           const c10::optional<at::Tensor>& exclude_ids, int64_t batch,
                           int64_t num_items, const at::Tensor& hidden);
 
-// targets [B] int64 in [0, V), on hidden's device.
+// targets [B] int64 in [0, V), on hidden's device; with allow_absent also -1 ("the target is in
+// another slice of a sharded catalog").
 void check_targets(const at::Tensor& targets, int64_t batch, int64_t num_items,
-                   const at::Tensor& hidden);
+                   const at::Tensor& hidden, bool allow_absent = false);
+
+// Optional precomputed log-normalisers of the seed ops: [B, S], float64 for float64 hidden and
+// float32 otherwise, on hidden's device.
+void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden);
 
 }  // namespace diffrec

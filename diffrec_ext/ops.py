@@ -39,16 +39,16 @@ if HAVE_EXTENSION:
         return grad_item, grad_out.new_empty(grad_out.shape[1:])
 
     @torch.library.register_fake("diffrec_ext::seed_avg_probs")
-    def _(hidden, weight, bias):
+    def _(hidden, weight, bias, lse=None):
         return hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=_acc(hidden.dtype))
 
     @torch.library.register_fake("diffrec_ext::seed_topk")
-    def _(hidden, weight, bias, k, exclude_offsets, exclude_ids):
+    def _(hidden, weight, bias, k, exclude_offsets, exclude_ids, lse=None):
         values = hidden.new_empty((hidden.shape[0], k), dtype=_acc(hidden.dtype))
         return values, hidden.new_empty((hidden.shape[0], k), dtype=torch.int64)
 
     @torch.library.register_fake("diffrec_ext::seed_target_rank")
-    def _(hidden, weight, bias, targets, exclude_offsets, exclude_ids):
+    def _(hidden, weight, bias, targets, exclude_offsets, exclude_ids, lse=None):
         return hidden.new_empty((hidden.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("diffrec_ext::catalog_xent")
@@ -111,27 +111,29 @@ def denoiser_input(item_emb, pos_emb, steps, sqrt_abar, sqrt_one_minus_abar, noi
     return reference.denoiser_input(*args, noised_positions, add_position, add_step)
 
 
-def seed_avg_probs(hidden, weight, bias=None):
-    """mean over seeds of softmax(hidden @ weight.T + bias): [B, V]. For small catalogs."""
-    args = _contiguous(hidden, weight, bias)
+def seed_avg_probs(hidden, weight, bias=None, lse=None):
+    """mean over seeds of softmax(hidden @ weight.T + bias): [B, V]. For small catalogs.
+    `lse` [B, S]: log-normalisers over the whole catalog when `weight` is one shard of it."""
+    args = _contiguous(hidden, weight, bias, lse)
     return (_ops.seed_avg_probs if HAVE_EXTENSION else reference.seed_avg_probs)(*args)
 
 
-def seed_topk(hidden, weight, bias=None, k: int = 10, exclude_offsets=None, exclude_ids=None):
+def seed_topk(hidden, weight, bias=None, k: int = 10, exclude_offsets=None, exclude_ids=None, lse=None):
     """Exact top-k of the seed-averaged probability without a [B, S, V] tensor: (values, ids)."""
     args = _contiguous(hidden, weight, bias)
-    excl = _contiguous(exclude_offsets, exclude_ids)
-    return (_ops.seed_topk if HAVE_EXTENSION else reference.seed_topk)(*args, k, *excl)
+    rest = _contiguous(exclude_offsets, exclude_ids, lse)
+    return (_ops.seed_topk if HAVE_EXTENSION else reference.seed_topk)(*args, k, *rest)
 
 
-def seed_target_rank(hidden, weight, bias, targets, exclude_offsets=None, exclude_ids=None):
+def seed_target_rank(hidden, weight, bias, targets, exclude_offsets=None, exclude_ids=None, lse=None):
     """0-based pessimistic rank of each target under the seed-averaged probability: [B] int64."""
-    args = _contiguous(hidden, weight, bias, targets, exclude_offsets, exclude_ids)
+    args = _contiguous(hidden, weight, bias, targets, exclude_offsets, exclude_ids, lse)
     return (_ops.seed_target_rank if HAVE_EXTENSION else reference.seed_target_rank)(*args)
 
 
 def catalog_xent(hidden, weight, bias, targets):
-    """Per-row -log softmax(hidden @ weight.T + bias)[target], differentiable: (loss [B], lse [B])."""
+    """Per-row -log softmax(hidden @ weight.T + bias)[target], differentiable: (loss [B], lse [B]).
+    A target of -1 marks a row whose target lies in another shard of the catalog (loss = lse)."""
     args = _contiguous(hidden, weight, bias, targets)
     return (_ops.catalog_xent if HAVE_EXTENSION else reference.catalog_xent)(*args)
 

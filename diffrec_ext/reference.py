@@ -14,6 +14,10 @@ Contracts shared by all ops:
   nnz) and `exclude_ids` [nnz] in [0, V). Excluded items are removed from the ranking only: the
   softmax normalisation is still over the whole catalog. Duplicates are allowed.
 - Ties in top-k: larger value first, then smaller item id first.
+- The seed ops take an optional `lse` [B, S] (accumulation dtype): the log-normaliser of each
+  (user, seed) softmax. Given, it replaces the one computed over `weight`, so `weight` can be one
+  slice of a catalog sharded across processes. catalog_xent takes target -1 for "not in this
+  slice": that row's loss is its lse and its gradient has no one-hot term.
 """
 
 from __future__ import annotations
@@ -108,9 +112,13 @@ def _seed_logits(hidden, weight, bias):
     return logits
 
 
-def seed_avg_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def seed_avg_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   lse: torch.Tensor | None = None) -> torch.Tensor:
     """mean_s softmax(hidden[b, s] @ weight.T + bias), shape [B, V] (Alg. 3)."""
-    return torch.softmax(_seed_logits(hidden, weight, bias), dim=-1).mean(dim=1)
+    logits = _seed_logits(hidden, weight, bias)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    return torch.exp(logits - lse.to(logits.dtype)[..., None]).mean(dim=1)
 
 
 def exclusion_mask(exclude_offsets, exclude_ids, batch: int, num_items: int, device) -> torch.Tensor:
@@ -129,19 +137,19 @@ def _sorted_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return values[:, :k], indices[:, :k]
 
 
-def seed_topk(hidden, weight, bias, k: int, exclude_offsets=None, exclude_ids=None):
+def seed_topk(hidden, weight, bias, k: int, exclude_offsets=None, exclude_ids=None, lse=None):
     """The k items with the largest seed-averaged probability, per user: (values [B, k] in the
     accumulation dtype, indices [B, k] int64), sorted by value descending, ties by smaller id."""
-    scores = seed_avg_probs(hidden, weight, bias)
+    scores = seed_avg_probs(hidden, weight, bias, lse)
     mask = exclusion_mask(exclude_offsets, exclude_ids, scores.shape[0], scores.shape[1], scores.device)
     scores = scores.masked_fill(mask, float("-inf"))
     return _sorted_topk(scores, k)
 
 
-def seed_target_rank(hidden, weight, bias, targets, exclude_offsets=None, exclude_ids=None):
+def seed_target_rank(hidden, weight, bias, targets, exclude_offsets=None, exclude_ids=None, lse=None):
     """0-based rank of each target item under the seed-averaged probability: the number of
     other, non-excluded items whose score is >= the target's (ties count against the target)."""
-    scores = seed_avg_probs(hidden, weight, bias)
+    scores = seed_avg_probs(hidden, weight, bias, lse)
     mask = exclusion_mask(exclude_offsets, exclude_ids, scores.shape[0], scores.shape[1], scores.device)
     target_score = scores.gather(1, targets[:, None])
     beats = (scores >= target_score) & ~mask
@@ -157,7 +165,9 @@ def catalog_xent(hidden, weight, bias, targets):
     if bias is not None:
         logits = logits + bias.to(acc)
     lse = torch.logsumexp(logits, dim=-1)
-    return lse - logits.gather(1, targets[:, None])[:, 0], lse
+    present = targets >= 0
+    target_logit = logits.gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    return lse - torch.where(present, target_logit, torch.zeros_like(target_logit)), lse
 
 
 def catalog_xent_backward(grad_loss, hidden, weight, bias, targets, lse):
@@ -168,7 +178,8 @@ def catalog_xent_backward(grad_loss, hidden, weight, bias, targets, lse):
     if bias is not None:
         logits = logits + bias.to(acc)
     grad_logits = torch.exp(logits - lse.to(acc)[:, None])
-    grad_logits[torch.arange(hidden.shape[0], device=hidden.device), targets] -= 1.0
+    rows = torch.nonzero(targets >= 0)[:, 0]
+    grad_logits[rows, targets[rows]] -= 1.0
     grad_logits = grad_logits * grad_loss.to(acc)[:, None]
     grad_hidden = grad_logits @ weight.to(acc)
     grad_weight = grad_logits.T @ hidden.to(acc)

@@ -1,6 +1,11 @@
 // Schemas of every op in the diffrec_ext namespace. The CPU kernels register in csrc/cpu/, the
 // CUDA kernels in csrc/cuda/, the fake (meta) kernels and autograd in diffrec_ext/ops.py, and the
 // pure-PyTorch twins with the same names live in diffrec_ext/reference.py.
+//
+// The seed ops take an optional `lse` [B, S]: the log-normaliser of each (user, seed) softmax. When
+// given, the first pass over the catalog is skipped and `weight` may be one slice of a catalog
+// sharded across processes (lse then covers the whole catalog). catalog_xent accepts target -1
+// for "the target is not in this slice of the catalog".
 #include <torch/library.h>
 
 TORCH_LIBRARY(diffrec_ext, m) {
@@ -11,13 +16,13 @@ TORCH_LIBRARY(diffrec_ext, m) {
   m.def(
       "denoiser_input_backward(Tensor grad_out, Tensor steps, Tensor sqrt_abar, "
       "Tensor? padding_mask, int noised_positions, bool add_position) -> (Tensor, Tensor)");
-  m.def("seed_avg_probs(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("seed_avg_probs(Tensor hidden, Tensor weight, Tensor? bias, Tensor? lse=None) -> Tensor");
   m.def(
       "seed_topk(Tensor hidden, Tensor weight, Tensor? bias, int k, Tensor? exclude_offsets, "
-      "Tensor? exclude_ids) -> (Tensor, Tensor)");
+      "Tensor? exclude_ids, Tensor? lse=None) -> (Tensor, Tensor)");
   m.def(
       "seed_target_rank(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "Tensor? exclude_offsets, Tensor? exclude_ids) -> Tensor");
+      "Tensor? exclude_offsets, Tensor? exclude_ids, Tensor? lse=None) -> Tensor");
   m.def(
       "catalog_xent(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets) "
       "-> (Tensor, Tensor)");

@@ -391,3 +391,51 @@ def test_python_fallback_twins_share_the_contract(monkeypatch):
     fallback = ops.seed_topk(hidden, weight, bias, 4)
     torch.testing.assert_close(compiled[0], fallback[0])
     assert torch.equal(compiled[1], fallback[1])
+
+
+# ----------------------------------------------------------------------------- catalog shards
+
+
+def test_seed_ops_on_catalog_shards_with_the_global_lse():
+    """A catalog cut in shards gives the single-catalog results once each shard gets the global lse."""
+    hidden, weight, bias = catalog_case(6, 4, 16, 3001, torch.float32, seed=11)
+    _, full_lse = C.catalog_xent(hidden.reshape(-1, 16), weight, bias, torch.zeros(24, dtype=torch.int64))
+    full_lse = full_lse.view(6, 4)
+    cuts = [0, 1000, 2200, 3001]
+    probs, candidates = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        w, b = weight[lo:hi].contiguous(), bias[lo:hi].contiguous()
+        probs.append(C.seed_avg_probs(hidden, w, b, full_lse))
+        values, ids = C.seed_topk(hidden, w, b, 10, None, None, full_lse)
+        candidates.append((values, ids + lo))
+    torch.testing.assert_close(torch.cat(probs, 1), C.seed_avg_probs(hidden, weight, bias), rtol=1e-5, atol=0)
+    merged_values = torch.cat([v for v, _ in candidates], 1)
+    merged_ids = torch.cat([i for _, i in candidates], 1)
+    top_values, order = merged_values.topk(10, dim=1)
+    expected_values, expected_ids = C.seed_topk(hidden, weight, bias, 10, None, None)
+    torch.testing.assert_close(top_values, expected_values, rtol=1e-5, atol=0)
+    assert torch.equal(merged_ids.gather(1, order), expected_ids)
+
+
+def test_catalog_xent_absent_targets_match_twin():
+    hidden, weight, bias = catalog_case(5, 1, 8, 300, torch.float64, seed=12)
+    hidden = hidden[:, 0].contiguous()
+    targets = torch.tensor([-1, 3, -1, 299, 0])
+    loss, lse = C.catalog_xent(hidden, weight, bias, targets)
+    exp_loss, exp_lse = ref.catalog_xent(hidden, weight, bias, targets)
+    torch.testing.assert_close(loss, exp_loss)
+    torch.testing.assert_close(loss[targets < 0], lse[targets < 0])
+    grad_loss = torch.rand(5, dtype=torch.float64)
+    for got, want in zip(C.catalog_xent_backward(grad_loss, hidden, weight, bias, targets, lse),
+                         ref.catalog_xent_backward(grad_loss, hidden, weight, bias, targets, exp_lse)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match=r"targets\[0\] = -2 is out of range \[-1, 299\]"):
+        C.catalog_xent(hidden, weight, bias, torch.tensor([-2, 0, 0, 0, 0]))
+
+
+def test_bad_lse_is_named():
+    hidden, weight, bias = catalog_case(2, 3, 8, 40, torch.float32)
+    with pytest.raises(RuntimeError, match="lse must be \\[B, S\\] = \\[2, 3\\]"):
+        C.seed_topk(hidden, weight, bias, 3, None, None, torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match="lse must be Float for BFloat16 hidden"):
+        C.seed_topk(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), 3, None, None, torch.zeros(2, 3).double())

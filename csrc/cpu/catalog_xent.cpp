@@ -1,6 +1,8 @@
 // CPU kernels of the catalog cross-entropy L_rec = -log softmax(h W^T + b)[target] (Eq. 17), in
 // catalog tiles so that memory stays O(B * tile): the forward keeps an online log-sum-exp per row
 // and picks the target's logit from its tile; the backward recomputes each tile's logits.
+// A target of -1 means "in another slice of a sharded catalog": the row's loss is then its lse
+// and its gradient has no one-hot term, which is what the sharded cross-entropy combines.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cpu(const at::Tensor& hidden,
                                                     const at::Tensor& targets) {
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/false);
   const int64_t batch = hidden.size(0);
-  check_targets(targets, batch, num_items, hidden);
+  check_targets(targets, batch, num_items, hidden, /*allow_absent=*/true);
   const at::Tensor target = targets.contiguous();
   const int64_t* target_item = target.data_ptr<int64_t>();
   at::Tensor loss = empty_output({batch}, hidden.options().dtype(acc_type(hidden)));
@@ -30,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cpu(const at::Tensor& hidden,
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "catalog_xent_cpu", [&] {
     CatalogTiles tiles(hidden, weight, bias.has_value() ? *bias : at::Tensor(), acc_type(hidden));
     std::vector<OnlineLogSumExp<scalar_t>> state(batch);
-    std::vector<scalar_t> target_logit(batch);
+    std::vector<scalar_t> target_logit(batch, scalar_t(0));  // stays 0 for an absent target (-1)
     for (int64_t start = 0; start < num_items; start += tiles.tile()) {
       const int64_t count = std::min(tiles.tile(), num_items - start);
       const scalar_t* logits = tiles.logits(start, count).data_ptr<scalar_t>();
@@ -38,7 +40,9 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cpu(const at::Tensor& hidden,
         for (int64_t b = b0; b < b1; ++b) {
           state[b].update(logits + b * count, count);
           const int64_t column = target_item[b] - start;
-          if (column >= 0 && column < count) target_logit[b] = logits[b * count + column];
+          if (target_item[b] >= 0 && column < count && column >= 0) {
+            target_logit[b] = logits[b * count + column];
+          }
         }
       });
     }
@@ -57,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse) {
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/false);
   const int64_t batch = hidden.size(0);
-  check_targets(targets, batch, num_items, hidden);
+  check_targets(targets, batch, num_items, hidden, /*allow_absent=*/true);
   const auto acc = acc_type(hidden);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch, "grad_loss must be [B] = [",
               batch, "], got ", grad_loss.sizes());
@@ -86,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cpu(
           scalar_t* row = gl + b * count;
           for (int64_t i = 0; i < count; ++i) row[i] = std::exp(row[i] - lse_ptr[b]);
           const int64_t column = target_item[b] - start;
-          if (column >= 0 && column < count) row[column] -= scalar_t(1);
+          if (target_item[b] >= 0 && column >= 0 && column < count) row[column] -= scalar_t(1);
           for (int64_t i = 0; i < count; ++i) row[i] *= g_ptr[b];
         }
       });

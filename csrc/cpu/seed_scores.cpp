@@ -28,20 +28,24 @@ struct SeedScorer {
   int64_t batch, seeds;
   std::vector<acc_t> lse;  // [batch * seeds]
 
+  // With `known_lse` ([B, S], e.g. over a whole sharded catalog) the first pass is skipped.
   SeedScorer(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
-             at::ScalarType acc)
+             at::ScalarType acc, const c10::optional<at::Tensor>& known_lse)
       : tiles(hidden.reshape({-1, hidden.size(2)}), weight, bias, acc),
         batch(hidden.size(0)),
         seeds(hidden.size(1)),
         lse(batch * seeds) {
+    if (known_lse.has_value()) {
+      const at::Tensor given = known_lse->contiguous();
+      std::copy(given.data_ptr<acc_t>(), given.data_ptr<acc_t>() + batch * seeds, lse.begin());
+      return;
+    }
     std::vector<OnlineLogSumExp<acc_t>> state(batch * seeds);
-    for (int64_t start = 0; start < tiles.num_items(); start += tiles.tile()) {
-      const int64_t count = std::min(tiles.tile(), tiles.num_items() - start);
-      const acc_t* logits = tiles.logits(start, count).template data_ptr<acc_t>();
+    for_each_tile([&](int64_t, int64_t count, const acc_t* logits) {
       at::parallel_for(0, batch * seeds, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) state[r].update(logits + r * count, count);
       });
-    }
+    });
     for (int64_t r = 0; r < batch * seeds; ++r) lse[r] = state[r].value();
   }
 
@@ -145,12 +149,14 @@ bool ranks_before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 }
 
 at::Tensor seed_avg_probs_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias) {
+                              const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& lse) {
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/true);
+  check_seed_lse(lse, hidden);
   const int64_t batch = hidden.size(0);
   at::Tensor out = empty_output({batch, num_items}, hidden.options().dtype(acc_type(hidden)));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "seed_avg_probs_cpu", [&] {
-    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden));
+    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden), lse);
     scalar_t* dst = out.data_ptr<scalar_t>();
     scorer.for_each_tile([&](int64_t start, int64_t count, const scalar_t* logits) {
       at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
@@ -167,8 +173,10 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cpu(const at::Tensor& hidden,
                                                  const at::Tensor& weight,
                                                  const c10::optional<at::Tensor>& bias, int64_t k,
                                                  const c10::optional<at::Tensor>& exclude_offsets,
-                                                 const c10::optional<at::Tensor>& exclude_ids) {
+                                                 const c10::optional<at::Tensor>& exclude_ids,
+                                                 const c10::optional<at::Tensor>& lse) {
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/true);
+  check_seed_lse(lse, hidden);
   const int64_t batch = hidden.size(0);
   TORCH_CHECK(k >= 1 && k <= num_items, "k = ", k, " must be in [1, V = ", num_items, "]");
   check_exclusion_args(exclude_offsets, exclude_ids, batch, num_items, hidden);
@@ -182,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cpu(const at::Tensor& hidden,
   at::Tensor indices = empty_output({batch, k}, hidden.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "seed_topk_cpu", [&] {
     using Cand = Candidate<scalar_t>;
-    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden));
+    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden), lse);
     // One heap per user whose top is the candidate that ranks last.
     std::vector<std::vector<Cand>> heaps(batch);
     for (auto& heap : heaps) heap.reserve(k);
@@ -237,8 +245,10 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cpu(const at::Tensor& hidden,
 at::Tensor seed_target_rank_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
                                 const c10::optional<at::Tensor>& exclude_offsets,
-                                const c10::optional<at::Tensor>& exclude_ids) {
+                                const c10::optional<at::Tensor>& exclude_ids,
+                                const c10::optional<at::Tensor>& lse) {
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/true);
+  check_seed_lse(lse, hidden);
   const int64_t batch = hidden.size(0);
   check_targets(targets, batch, num_items, hidden);
   check_exclusion_args(exclude_offsets, exclude_ids, batch, num_items, hidden);
@@ -247,7 +257,7 @@ at::Tensor seed_target_rank_cpu(const at::Tensor& hidden, const at::Tensor& weig
   const int64_t* target_item = target.data_ptr<int64_t>();
   at::Tensor ranks = empty_output({batch}, targets.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type(hidden), "seed_target_rank_cpu", [&] {
-    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden));
+    SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden), lse);
     // The target's exact score is only known once its tile comes by. Until then each item is
     // compared with an estimate from a direct dot product: items far from it are settled at
     // once, the few close to it wait in `pending` for the exact score. All in the log domain.

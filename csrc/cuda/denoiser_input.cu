@@ -19,7 +19,7 @@ namespace diffrec::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVectorsPerThread = 4;  // loads a thread issues before it computes (forward)
+constexpr int kVectorsPerThread = 2;  // vectors a thread loads before it computes (forward)
 constexpr int kBatchesPerStep = 4;    // samples a thread loads before it computes (backward)
 // Columns of one forward block: its slice of the step embedding lives in shared memory.
 constexpr int64_t kColumnsPerBlock = 1024;
@@ -57,14 +57,14 @@ struct DenoiserInput {
 // sinusoidal step embedding of its columns is computed once, in double (n * w_j reaches ~1e3 rad,
 // where a float32 angle has lost several digits), and kept in shared memory.
 template <typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads) denoiser_input_kernel(DenoiserInput<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInput<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t step_embedding[kColumnsPerBlock];
   const int64_t column_block = blockIdx.x % a.column_blocks;
   const int64_t row_group = (blockIdx.x / a.column_blocks) % a.row_groups;
   const int64_t b = blockIdx.x / (a.column_blocks * a.row_groups);
   const int64_t c0 = column_block * kColumnsPerBlock;
-  const int64_t columns = std::min<int64_t>(kColumnsPerBlock, a.dim - c0);
+  const int64_t columns = a.dim - c0 < kColumnsPerBlock ? a.dim - c0 : kColumnsPerBlock;
   const int64_t t0 = row_group * a.rows_per_block;
   const int64_t rows = std::min<int64_t>(a.rows_per_block, a.length - t0);
   const int64_t step = a.steps[b];
@@ -81,26 +81,30 @@ __global__ void __launch_bounds__(kThreads) denoiser_input_kernel(DenoiserInput<
   const acc_t signal = a.sqrt_abar[step];
   const acc_t noise_scale = a.sqrt_one_minus_abar[step];
   const int64_t first_noised = a.length - a.noised;
-  const int64_t vectors_per_row = columns / kVec;
-  const int64_t vectors = rows * vectors_per_row;
-  for (int64_t first = threadIdx.x; first < vectors; first += int64_t(kThreads) * kVectorsPerThread) {
+  // Offsets of element (b, t, column) in item/out, pos and noise differ by per-sample constants.
+  const int64_t sample_begin = b * a.length * a.dim;
+  const int64_t noise_shift = (b + 1) * first_noised * a.dim;
+  const int vectors_per_row = static_cast<int>(columns / kVec);
+  const int vectors = static_cast<int>(rows) * vectors_per_row;
+  for (int first = threadIdx.x; first < vectors; first += kThreads * kVectorsPerThread) {
     Vec<scalar_t, kVec> item[kVectorsPerThread], noise[kVectorsPerThread], pos[kVectorsPerThread];
-    int64_t t[kVectorsPerThread], column[kVectorsPerThread];
-    bool live[kVectorsPerThread], padded[kVectorsPerThread];
+    int64_t element[kVectorsPerThread];
+    int column[kVectorsPerThread];  // within the block
+    bool live[kVectorsPerThread], padded[kVectorsPerThread], noised[kVectorsPerThread];
 #pragma unroll
     for (int u = 0; u < kVectorsPerThread; ++u) {
-      const int64_t v = first + int64_t(u) * kThreads;
+      const int v = first + u * kThreads;
+      const int row = v / vectors_per_row;
+      const int64_t t = t0 + row;
+      column[u] = (v - row * vectors_per_row) * kVec;
+      element[u] = sample_begin + t * a.dim + c0 + column[u];
       live[u] = v < vectors;
-      t[u] = t0 + v / vectors_per_row;
-      column[u] = c0 + (v % vectors_per_row) * kVec;
-      padded[u] = live[u] && a.padding != nullptr && a.padding[b * a.length + t[u]];
+      noised[u] = t >= first_noised;
+      padded[u] = live[u] && a.padding != nullptr && a.padding[b * a.length + t];
       if (!live[u] || padded[u]) continue;  // padding is written as zeros, nothing to read
-      item[u] = load_vec<scalar_t, kVec>(a.item + (b * a.length + t[u]) * a.dim + column[u]);
-      if (t[u] >= first_noised) {
-        noise[u] = load_vec<scalar_t, kVec>(
-            a.noise + (b * a.noised + t[u] - first_noised) * a.dim + column[u]);
-      }
-      if (a.add_position) pos[u] = load_vec<scalar_t, kVec>(a.pos + t[u] * a.dim + column[u]);
+      item[u] = load_vec<scalar_t, kVec>(a.item + element[u]);
+      if (noised[u]) noise[u] = load_vec<scalar_t, kVec>(a.noise + element[u] - noise_shift);
+      if (a.add_position) pos[u] = load_vec<scalar_t, kVec>(a.pos + element[u] - sample_begin);
     }
 #pragma unroll
     for (int u = 0; u < kVectorsPerThread; ++u) {
@@ -111,15 +115,13 @@ __global__ void __launch_bounds__(kThreads) denoiser_input_kernel(DenoiserInput<
         acc_t h = 0;
         if (!padded[u]) {
           h = static_cast<acc_t>(item[u].v[i]);
-          if (t[u] >= first_noised) {
-            h = signal * h + noise_scale * static_cast<acc_t>(noise[u].v[i]);
-          }
+          if (noised[u]) h = signal * h + noise_scale * static_cast<acc_t>(noise[u].v[i]);
           if (a.add_position) h += static_cast<acc_t>(pos[u].v[i]);
-          if (a.add_step) h += step_embedding[column[u] - c0 + i];
+          if (a.add_step) h += step_embedding[column[u] + i];
         }
         out.v[i] = static_cast<scalar_t>(h);
       }
-      store_vec<scalar_t, kVec>(a.out + (b * a.length + t[u]) * a.dim + column[u], out);
+      store_vec<scalar_t, kVec>(a.out + element[u], out);
     }
   }
 }
