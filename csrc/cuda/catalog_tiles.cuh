@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -19,10 +20,24 @@
 
 namespace diffrec::cuda {
 
-// Bytes of per-tile scratch (the logits tile and whatever an op keeps beside it). 32 MiB keeps
-// the tile mostly resident in the 50 MB L2 of an H100/H200 between the GEMM that writes it and the
+// MiB of per-tile scratch (the logits tile and whatever an op keeps beside it). 32 MiB keeps the
+// tile mostly resident in the 50 MB L2 of an H100/H200 between the GEMM that writes it and the
 // kernel that reads it, and every op well under 64 MB of extra memory.
-constexpr int64_t kTileScratchBytes = int64_t(32) << 20;
+constexpr int64_t kDefaultTileScratchMiB = 32;
+
+// The scratch budget in bytes: DIFFREC_CUDA_TILE_MIB when set, else the default. Read on every
+// call, so a benchmark can sweep it within one process (larger tiles mean fewer launches, smaller
+// ones a better L2 fit).
+inline int64_t tile_scratch_bytes() {
+  const char* setting = std::getenv("DIFFREC_CUDA_TILE_MIB");
+  if (setting == nullptr || *setting == '\0') return kDefaultTileScratchMiB << 20;
+  char* end = nullptr;
+  const long long mib = std::strtoll(setting, &end, 10);
+  TORCH_CHECK(*end == '\0' && mib >= 1 && mib <= 4096, "DIFFREC_CUDA_TILE_MIB = '", setting,
+              "' must be a whole number of MiB in [1, 4096]");
+  return int64_t(mib) << 20;
+}
+
 // Tile widths are multiples of this many items, so every row of the buffer is 16-byte aligned
 // (quad loads) and the GEMM's n stays tensor-core friendly.
 constexpr int64_t kTileAlign = 256;
@@ -30,7 +45,7 @@ constexpr int64_t kMaxTileWidth = 32768;
 
 // Items per tile for a sweep that keeps `bytes_per_item` bytes of scratch per item of the tile.
 inline int64_t catalog_tile_width(int64_t bytes_per_item, int64_t num_items) {
-  int64_t width = kTileScratchBytes / std::max<int64_t>(bytes_per_item, 1);
+  int64_t width = tile_scratch_bytes() / std::max<int64_t>(bytes_per_item, 1);
   width = std::clamp<int64_t>(width / kTileAlign * kTileAlign, kTileAlign, kMaxTileWidth);
   const int64_t whole_catalog = (num_items + kTileAlign - 1) / kTileAlign * kTileAlign;
   return std::min(width, whole_catalog);
@@ -215,8 +230,10 @@ __global__ void __launch_bounds__(kLseThreads)
   const acc_t lse = run_max + log_acc(run_sum);
   p.lse[row] = lse;
   if (p.loss != nullptr) {
+    // Target -1: the target lies in another shard of the catalog, the row's loss is its lse.
     const int64_t target = p.targets[row / p.rows_per_target];
-    p.loss[row] = lse - (p.target_logit[row] + bias_at<acc_t>(p.bias, target));
+    p.loss[row] =
+        target < 0 ? lse : lse - (p.target_logit[row] + bias_at<acc_t>(p.bias, target));
   }
 }
 

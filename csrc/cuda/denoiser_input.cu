@@ -70,11 +70,14 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
   const int64_t step = a.steps[b];
   if (a.add_step) {
     constexpr double kLog10000 = 9.210340371976184;  // log(10000), as in reference.step_embedding
+    constexpr double kPi = 3.141592653589793;
     for (int64_t c = threadIdx.x; c < columns; c += kThreads) {
       const int64_t column = c0 + c;
       const double frequency = exp(-kLog10000 * (2.0 * double(column / 2)) / double(a.dim));
-      const double angle = double(step) * frequency;
-      step_embedding[c] = static_cast<acc_t>(column % 2 == 0 ? sin(angle) : cos(angle));
+      // sin(x) = sinpi(x / pi): the reduction of sinpi is exact, so no slow path for large angles.
+      double sine, cosine;
+      sincospi(double(step) * frequency / kPi, &sine, &cosine);
+      step_embedding[c] = static_cast<acc_t>(column % 2 == 0 ? sine : cosine);
     }
     __syncthreads();
   }

@@ -1,16 +1,17 @@
 // CUDA kernels of the seed-averaged scores of Alg. 3: seed_avg_probs, seed_topk, seed_target_rank
-// (contracts in diffrec_ext/reference.py).
+// (contracts in diffrec_ext/reference.py; argument checks and their order as in csrc/cpu/).
 //
 // Design of this first version: cuBLAS GEMM tiles plus fused epilogue kernels. Each catalog tile's
 // logits [B*S, tile] come from one cuBLAS GEMM (bf16/fp16 in, fp32 out, fp32 accumulation) into a
-// reusable buffer of at most 32 MiB (catalog_tiles.cuh). A CUTLASS GEMM with the epilogue fused
+// reusable buffer of 32 MiB by default (catalog_tiles.cuh). A CUTLASS GEMM with the epilogue fused
 // into its mainloop would save that buffer's write and read, but could not be validated without a
 // GPU when this was written, so it is left for a later version.
-//   pass 1: GEMM + online log-sum-exp per (user, seed) row (catalog_tiles.cuh);
+//   pass 1: GEMM + online log-sum-exp per (user, seed) row (catalog_tiles.cuh), skipped when the
+//     caller gives the lse (a catalog sharded across processes);
 //   pass 2: GEMM again + the average over seeds of exp(logit - lse), exclusion applied, then
 //     seed_avg_probs writes it to its [B, V] output; seed_target_rank counts the items whose
-//     score is >= the target's; seed_topk merges the tile into a running sorted top-k per user
-//     kept in its output (k <= kMaxBlockK, merged in shared memory).
+//     score is >= the target's (in the log domain, as the CPU kernel); seed_topk merges the tile
+//     into a running sorted top-k per user kept in its output (k <= kMaxBlockK, in shared memory).
 // No [B, S, V] tensor, and for top-k and rank no [B, V] tensor, is allocated. The exception is
 // k > kMaxBlockK, where the output itself approaches [B, V]: users then go in groups through a
 // bounded [group, V] score buffer and a stable sort.
@@ -76,12 +77,31 @@ SortedExclusion sort_exclusion(const c10::optional<at::Tensor>& offsets,
 
 // ---------------------------------------------------------------- pass 2: seed averages
 
-// exp(logit + bias - lse) of one seed. The target's score (seed_target_rank) and every item's
-// score go through this one expression, seeds in the same order, so an item whose logits equal
-// the target's gets a bit-identical score and the >= comparison is exact.
+// exp(logit + bias - lse) of one seed: its term of the seed-averaged probability.
 template <typename acc_t>
 __device__ __forceinline__ acc_t seed_probability(acc_t raw_logit, acc_t bias, acc_t lse) {
   return exp_acc((raw_logit + bias) - lse);
+}
+
+// log of the seed-averaged probability of one item whose raw logit for seed s is
+// raw_logit[s * stride]: the largest term is factored out, as in the CPU kernel, so scores below
+// float range (1e-38) still order instead of tying at zero. The targets' scores and every item's
+// go through this one non-inlined function, so an item whose logits equal the target's gets a
+// bit-identical value and the >= comparison counts it against the target.
+template <typename acc_t>
+__device__ __noinline__ acc_t log_seed_score(const acc_t* raw_logit, int64_t stride, acc_t bias,
+                                             const acc_t* lse, int64_t seeds) {
+  acc_t largest = negative_infinity<acc_t>();
+  for (int64_t s = 0; s < seeds; ++s) {
+    const acc_t x = (raw_logit[s * stride] + bias) - lse[s];
+    largest = x > largest ? x : largest;
+  }
+  if (largest == negative_infinity<acc_t>()) return largest;
+  acc_t total = 0;
+  for (int64_t s = 0; s < seeds; ++s) {
+    total += exp_acc(((raw_logit[s * stride] + bias) - lse[s]) - largest);
+  }
+  return largest + log_acc(total / static_cast<acc_t>(seeds));
 }
 
 enum class SeedEpilogue { kScores, kRank };
@@ -102,9 +122,9 @@ struct SeedAverageTile {
   const int64_t* exclude_keys;     // sorted user * V + id
   acc_t* scores;                   // kScores: [group users, scores_ld], column = item - first_item
   int64_t scores_ld;
-  const int64_t* targets;     // kRank: [B]
-  const acc_t* target_score;  // kRank: [B]
-  int64_t* rank;              // kRank: [B], accumulated over tiles
+  const int64_t* targets;         // kRank: [B]
+  const acc_t* target_log_score;  // kRank: [B]
+  int64_t* rank;                  // kRank: [B], accumulated over tiles
 };
 
 constexpr int kAverageThreads = 256;
@@ -131,7 +151,8 @@ __device__ void mark_excluded(uint32_t* bitmap, const int64_t* offsets, const in
   __syncthreads();
 }
 
-// Block (user, column block): score[item] = mean_s exp(logit[user, s, item] + bias - lse[user, s]).
+// Block (user, column block). kScores: score[item] = mean_s exp(logit[user, s, item] + bias -
+// lse[user, s]), -inf when excluded. kRank: counts the block's items that beat the target.
 template <SeedEpilogue kEpilogue, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kAverageThreads)
     seed_average_kernel(SeedAverageTile<scalar_t, acc_t> p) {
@@ -146,16 +167,20 @@ __global__ void __launch_bounds__(kAverageThreads)
   }
   const int local = threadIdx.x * 4;
   const int64_t j = block_column + local;
-  acc_t score[4] = {0, 0, 0, 0};
-  if (j < p.width) {
-    acc_t bias[4], sum[4];
+  bool valid[4], is_excluded[4];
+  acc_t bias[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      bias[c] = j + c < p.width ? bias_at<acc_t>(p.bias, p.first_item + j + c) : acc_t(0);
-      sum[c] = 0;
-    }
-    const acc_t* rows = p.logits + local_user * p.seeds * p.ld + j;
-    const acc_t* lse = p.lse + user * p.seeds;
+  for (int c = 0; c < 4; ++c) {
+    valid[c] = j + c < p.width;
+    is_excluded[c] =
+        has_exclusion && ((excluded_bits[(local + c) / 32] >> ((local + c) % 32)) & 1u) != 0;
+    bias[c] = valid[c] ? bias_at<acc_t>(p.bias, p.first_item + j + c) : acc_t(0);
+  }
+  const acc_t* rows = p.logits + local_user * p.seeds * p.ld + j;
+  const acc_t* lse = p.lse + user * p.seeds;
+  if constexpr (kEpilogue == SeedEpilogue::kScores) {
+    if (j >= p.width) return;
+    acc_t sum[4] = {0, 0, 0, 0};
 #pragma unroll 4
     for (int64_t s = 0; s < p.seeds; ++s) {
       const Quad<acc_t> raw = load_quad(rows + s * p.ld);
@@ -163,32 +188,21 @@ __global__ void __launch_bounds__(kAverageThreads)
 #pragma unroll
       for (int c = 0; c < 4; ++c) sum[c] += seed_probability(raw.v[c], bias[c], lse_s);
     }
-#pragma unroll
-    for (int c = 0; c < 4; ++c) score[c] = sum[c] * p.inv_seeds;
-  }
-  bool valid[4], is_excluded[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    valid[c] = j + c < p.width;
-    is_excluded[c] =
-        has_exclusion && ((excluded_bits[(local + c) / 32] >> ((local + c) % 32)) & 1u) != 0;
-  }
-  if constexpr (kEpilogue == SeedEpilogue::kScores) {
     acc_t* out = p.scores + local_user * p.scores_ld + j;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      if (valid[c]) out[c] = is_excluded[c] ? negative_infinity<acc_t>() : score[c];
+      if (valid[c]) out[c] = is_excluded[c] ? negative_infinity<acc_t>() : sum[c] * p.inv_seeds;
     }
   } else {
     const int64_t target = p.targets[user];
-    const acc_t target_score = p.target_score[user];
+    const acc_t target_log_score = p.target_log_score[user];
     unsigned int beats = 0;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      beats += (valid[c] && !is_excluded[c] && p.first_item + j + c != target &&
-                score[c] >= target_score)
-                   ? 1u
-                   : 0u;
+      if (valid[c] && !is_excluded[c] && p.first_item + j + c != target &&
+          log_seed_score(rows + c, p.ld, bias[c], lse, p.seeds) >= target_log_score) {
+        ++beats;
+      }
     }
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
@@ -211,17 +225,14 @@ void launch_seed_average(const SeedAverageTile<scalar_t, acc_t>& tile, int64_t g
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void seed_target_score_kernel(const acc_t* target_logit, const scalar_t* bias,
-                                         const int64_t* targets, const acc_t* lse, int64_t users,
-                                         int64_t seeds, acc_t inv_seeds, acc_t* target_score) {
+__global__ void target_log_score_kernel(const acc_t* target_logit, const scalar_t* bias,
+                                        const int64_t* targets, const acc_t* lse, int64_t users,
+                                        int64_t seeds, acc_t* target_log_score) {
   const int64_t user = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (user >= users) return;
-  const acc_t item_bias = bias_at<acc_t>(bias, targets[user]);
-  acc_t sum = 0;
-  for (int64_t s = 0; s < seeds; ++s) {
-    sum += seed_probability(target_logit[user * seeds + s], item_bias, lse[user * seeds + s]);
-  }
-  target_score[user] = sum * inv_seeds;
+  target_log_score[user] = log_seed_score(target_logit + user * seeds, 1,
+                                          bias_at<acc_t>(bias, targets[user]),
+                                          lse + user * seeds, seeds);
 }
 
 // ---------------------------------------------------------------- running top-k
@@ -426,6 +437,20 @@ struct SeedProblem {
                         first_item, std::min(tile, items - first_item), logits.data_ptr<acc_t>(),
                         tile);
   }
+
+  // Pass 1 over every (user, seed) row: lse [B * S]. With targets, also fills target_logit
+  // [B * S] with each row's raw target logit, from the same GEMM calls as pass 2.
+  at::Tensor logsumexp(at::Tensor& logits, int64_t tile, const int64_t* targets = nullptr,
+                       acc_t* target_logit = nullptr) const {
+    return catalog_logsumexp(hidden, rows(), dim, weight, bias, items, logits, tile, targets,
+                             seeds, target_logit, nullptr);
+  }
+
+  // The given lse [B, S] as rows [B * S], or pass 1 when none is given.
+  at::Tensor lse_rows(const c10::optional<at::Tensor>& given, at::Tensor& logits,
+                      int64_t tile) const {
+    return given.has_value() ? given->contiguous().view({-1}) : logsumexp(logits, tile);
+  }
 };
 
 template <typename scalar_t>
@@ -446,22 +471,13 @@ SeedProblem<scalar_t> make_seed_problem(const at::Tensor& hidden, const at::Tens
   return problem;
 }
 
-// Pass 1 for every (user, seed) row: lse [B * S].
 template <typename scalar_t>
-at::Tensor seed_logsumexp(const SeedProblem<scalar_t>& problem, at::Tensor& logits, int64_t tile,
-                          const int64_t* targets = nullptr,
-                          at::opmath_type<scalar_t>* target_logit = nullptr) {
-  return catalog_logsumexp(problem.hidden, problem.rows(), problem.dim, problem.weight,
-                           problem.bias, problem.items, logits, tile, targets, problem.seeds,
-                           target_logit, nullptr);
-}
-
-template <typename scalar_t>
-void seed_avg_probs_impl(const SeedProblem<scalar_t>& problem, at::Tensor& out) {
+void seed_avg_probs_impl(const SeedProblem<scalar_t>& problem,
+                         const c10::optional<at::Tensor>& given_lse, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tile = catalog_tile_width(problem.rows() * int64_t(sizeof(acc_t)), problem.items);
   at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
-  const at::Tensor lse = seed_logsumexp(problem, logits, tile);
+  const at::Tensor lse = problem.lse_rows(given_lse, logits, tile);
   for (int64_t first = 0; first < problem.items; first += tile) {
     problem.logits_tile(logits, tile, 0, problem.users, first);
     auto step = problem.average_tile(logits, tile, first, lse, SortedExclusion{});
@@ -473,13 +489,15 @@ void seed_avg_probs_impl(const SeedProblem<scalar_t>& problem, at::Tensor& out) 
 
 template <typename scalar_t>
 void seed_topk_in_blocks(const SeedProblem<scalar_t>& problem, int64_t k,
-                         const SortedExclusion& exclusion, at::Tensor& values, at::Tensor& ids) {
+                         const SortedExclusion& exclusion,
+                         const c10::optional<at::Tensor>& given_lse, at::Tensor& values,
+                         at::Tensor& ids) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tile = catalog_tile_width(
       (problem.rows() + problem.users) * int64_t(sizeof(acc_t)), problem.items);
   at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
   at::Tensor scores = at::empty({problem.users, tile}, problem.acc_options);
-  const at::Tensor lse = seed_logsumexp(problem, logits, tile);
+  const at::Tensor lse = problem.lse_rows(given_lse, logits, tile);
   const size_t shared_bytes = running_topk_shared_bytes(k, sizeof(acc_t));
   for (int64_t first = 0; first < problem.items; first += tile) {
     problem.logits_tile(logits, tile, 0, problem.users, first);
@@ -507,18 +525,23 @@ void seed_topk_in_blocks(const SeedProblem<scalar_t>& problem, int64_t k,
 // descending sort (equal scores keep ascending ids), as the reference does.
 template <typename scalar_t>
 void seed_topk_by_sort(const SeedProblem<scalar_t>& problem, int64_t k,
-                       const SortedExclusion& exclusion, at::Tensor& values, at::Tensor& ids) {
+                       const SortedExclusion& exclusion,
+                       const c10::optional<at::Tensor>& given_lse, at::Tensor& values,
+                       at::Tensor& ids) {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor lse;
-  {
+  if (given_lse.has_value()) {
+    lse = given_lse->contiguous().view({-1});
+  } else {  // pass 1's buffer is released before the group buffers are taken
     const int64_t tile =
         catalog_tile_width(problem.rows() * int64_t(sizeof(acc_t)), problem.items);
     at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
-    lse = seed_logsumexp(problem, logits, tile);
+    lse = problem.logsumexp(logits, tile);
   }
   // Per user: the score row, plus the sorted values and int64 ids that at::sort returns.
   const int64_t bytes_per_user = problem.items * int64_t(2 * sizeof(acc_t) + sizeof(int64_t));
-  const int64_t group = std::clamp<int64_t>(kTileScratchBytes / bytes_per_user, 1, problem.users);
+  const int64_t group =
+      std::clamp<int64_t>(tile_scratch_bytes() / bytes_per_user, 1, problem.users);
   const int64_t tile =
       catalog_tile_width(group * problem.seeds * int64_t(sizeof(acc_t)), problem.items);
   at::Tensor logits = at::empty({group * problem.seeds, tile}, problem.acc_options);
@@ -542,46 +565,73 @@ void seed_topk_by_sort(const SeedProblem<scalar_t>& problem, int64_t k,
 
 template <typename scalar_t>
 void seed_target_rank_impl(const SeedProblem<scalar_t>& problem, const at::Tensor& targets,
-                           const SortedExclusion& exclusion, at::Tensor& rank) {
+                           const SortedExclusion& exclusion,
+                           const c10::optional<at::Tensor>& given_lse, at::Tensor& rank) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tile = catalog_tile_width(problem.rows() * int64_t(sizeof(acc_t)), problem.items);
   at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
   at::Tensor target_logit = at::empty({problem.rows()}, problem.acc_options);
   const int64_t* target_ids = targets.data_ptr<int64_t>();
-  const at::Tensor lse =
-      seed_logsumexp(problem, logits, tile, target_ids, target_logit.data_ptr<acc_t>());
-  at::Tensor target_score = at::empty({problem.users}, problem.acc_options);
+  // Pass 1 runs even with a given lse: it captures the targets' logits from the very GEMM calls
+  // of pass 2, so a target and an item of equal logits compare exactly.
+  at::Tensor lse = problem.logsumexp(logits, tile, target_ids, target_logit.data_ptr<acc_t>());
+  if (given_lse.has_value()) lse = given_lse->contiguous().view({-1});
+  at::Tensor target_log_score = at::empty({problem.users}, problem.acc_options);
   constexpr int kThreads = 128;
-  seed_target_score_kernel<<<(problem.users + kThreads - 1) / kThreads, kThreads, 0,
-                             problem.stream>>>(
-      target_logit.data_ptr<acc_t>(), problem.bias, target_ids, lse.data_ptr<acc_t>(),
-      problem.users, problem.seeds, acc_t(1) / acc_t(problem.seeds),
-      target_score.data_ptr<acc_t>());
+  target_log_score_kernel<<<(problem.users + kThreads - 1) / kThreads, kThreads, 0,
+                            problem.stream>>>(target_logit.data_ptr<acc_t>(), problem.bias,
+                                              target_ids, lse.data_ptr<acc_t>(), problem.users,
+                                              problem.seeds, target_log_score.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t first = 0; first < problem.items; first += tile) {
     problem.logits_tile(logits, tile, 0, problem.users, first);
     auto step = problem.average_tile(logits, tile, first, lse, exclusion);
     step.targets = target_ids;
-    step.target_score = target_score.data_ptr<acc_t>();
+    step.target_log_score = target_log_score.data_ptr<acc_t>();
     step.rank = rank.data_ptr<int64_t>();
     launch_seed_average<SeedEpilogue::kRank>(step, problem.users, problem.stream);
   }
 }
 
+// As the CPU kernel: k may not exceed the items a user has left after exclusion (duplicates in
+// the list count once). Skipped while a CUDA graph is captured (it reads back to the host).
+void check_k_within_items_left(const SortedExclusion& exclusion, int64_t k, int64_t users,
+                               int64_t num_items) {
+  if (!exclusion.keys.defined()) return;
+  if (cuda_stream_is_capturing != nullptr && cuda_stream_is_capturing()) return;
+  const at::Tensor& keys = exclusion.keys;  // sorted user * V + id
+  at::Tensor first_of_run = at::ones_like(keys, keys.options().dtype(at::kLong));
+  first_of_run.slice(0, 1).copy_(keys.slice(0, 1) != keys.slice(0, 0, -1));
+  const at::Tensor owner = keys.div(num_items, "trunc");
+  const at::Tensor excluded = at::zeros({users}, keys.options()).index_add_(0, owner, first_of_run);
+  const at::Tensor too_few = (num_items - excluded) < k;
+  if (!too_few.any().item<bool>()) return;
+  const int64_t user = too_few.to(at::kByte).argmax().item<int64_t>();
+  const int64_t user_excluded = excluded[user].item<int64_t>();
+  TORCH_CHECK(false, "k = ", k, " exceeds the ", num_items - user_excluded,
+              " items left for user ", user, " after excluding ", user_excluded, " of V = ",
+              num_items);
+}
+
+c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 at::Tensor seed_avg_probs_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias) {
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& lse) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(hidden));
   check_catalog_args(hidden, weight, bias, /*seeded=*/true);
+  check_seed_lse(lse, hidden);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
-  const c10::optional<at::Tensor> bias_c =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
   at::Tensor out = at::empty({hidden.size(0), weight.size(0)},
                              hidden.options().dtype(at::toOpMathType(hidden.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(),
                                   "seed_avg_probs_cuda", [&] {
                                     seed_avg_probs_impl(
                                         make_seed_problem<scalar_t>(hidden_c, weight_c, bias_c),
-                                        out);
+                                        lse, out);
                                   });
   return out;
 }
@@ -590,27 +640,28 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cuda(const at::Tensor& hidden,
                                                   const at::Tensor& weight,
                                                   const c10::optional<at::Tensor>& bias, int64_t k,
                                                   const c10::optional<at::Tensor>& exclude_offsets,
-                                                  const c10::optional<at::Tensor>& exclude_ids) {
+                                                  const c10::optional<at::Tensor>& exclude_ids,
+                                                  const c10::optional<at::Tensor>& lse) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(hidden));
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/true);
-  TORCH_CHECK(k >= 1 && k <= num_items, "k = ", k, " must be in [1, V = ", num_items, "]");
+  check_seed_lse(lse, hidden);
   const int64_t users = hidden.size(0);
+  TORCH_CHECK(k >= 1 && k <= num_items, "k = ", k, " must be in [1, V = ", num_items, "]");
   check_exclusion_args(exclude_offsets, exclude_ids, users, num_items, hidden);
+  const SortedExclusion exclusion = sort_exclusion(exclude_offsets, exclude_ids, users, num_items);
+  check_k_within_items_left(exclusion, k, users, num_items);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
-  const c10::optional<at::Tensor> bias_c =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
   at::Tensor values =
       at::empty({users, k}, hidden.options().dtype(at::toOpMathType(hidden.scalar_type())));
   at::Tensor ids = at::empty({users, k}, hidden.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, hidden.scalar_type(), "seed_topk_cuda", [&] {
         const auto problem = make_seed_problem<scalar_t>(hidden_c, weight_c, bias_c);
-        const SortedExclusion exclusion =
-            sort_exclusion(exclude_offsets, exclude_ids, users, num_items);
         if (k <= kMaxBlockK) {
-          seed_topk_in_blocks(problem, k, exclusion, values, ids);
+          seed_topk_in_blocks(problem, k, exclusion, lse, values, ids);
         } else {
-          seed_topk_by_sort(problem, k, exclusion, values, ids);
+          seed_topk_by_sort(problem, k, exclusion, lse, values, ids);
         }
       });
   return {values, ids};
@@ -619,21 +670,22 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cuda(const at::Tensor& hidden,
 at::Tensor seed_target_rank_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
                                  const c10::optional<at::Tensor>& exclude_offsets,
-                                 const c10::optional<at::Tensor>& exclude_ids) {
+                                 const c10::optional<at::Tensor>& exclude_ids,
+                                 const c10::optional<at::Tensor>& lse) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(hidden));
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/true);
+  check_seed_lse(lse, hidden);
   const int64_t users = hidden.size(0);
   check_targets(targets, users, num_items, hidden);
   check_exclusion_args(exclude_offsets, exclude_ids, users, num_items, hidden);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
   const at::Tensor targets_c = targets.contiguous();
-  const c10::optional<at::Tensor> bias_c =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
   at::Tensor rank = at::zeros({users}, hidden.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, hidden.scalar_type(), "seed_target_rank_cuda", [&] {
         seed_target_rank_impl(make_seed_problem<scalar_t>(hidden_c, weight_c, bias_c), targets_c,
-                              sort_exclusion(exclude_offsets, exclude_ids, users, num_items),
+                              sort_exclusion(exclude_offsets, exclude_ids, users, num_items), lse,
                               rank);
       });
   return rank;
