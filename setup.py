@@ -26,6 +26,19 @@ def want_cuda() -> bool:
     return available and choice != "0"
 
 
+def pip_cuda_include_dirs() -> list[str]:
+    """Header folders of the pip CUDA packages (nvidia/cu13/include, ...): torch's CUDA headers
+    include cublas_v2.h and cusparse.h, which a plain CUDA toolkit install may lack."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(
+        folder for root in nvidia.__path__ for folder in glob.glob(os.path.join(root, "*", "include"))
+        if any(os.path.exists(os.path.join(folder, h)) for h in ("cublas_v2.h", "cusparse.h"))
+    )
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("python/*.cpp"))
     cxx = ["-O3", f'-DDIFFREC_EXT_VERSION="{VERSION}"']
@@ -41,7 +54,7 @@ def extension():
     return cpp_extension.CUDAExtension(
         "diffrec_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=[os.path.abspath("csrc"), *pip_cuda_include_dirs()],
         extra_compile_args={
             "cxx": cxx + cuda_flags,
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *cuda_flags,

@@ -32,10 +32,6 @@ stage() {  # stage NAME TIMEOUT_S LOGFILE COMMAND...: runs it, records rc and se
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } >> "$LOG" 2>&1
 
-# cuBLAS and cuSPARSE headers may live in the pip nvidia packages rather than in CUDA_HOME.
-NVIDIA_INCLUDE=$(python3 -c "import nvidia, pathlib; print(' '.join(str(p) for p in pathlib.Path(list(nvidia.__path__)[0]).glob('*/include') if (p / 'cublas_v2.h').exists() or (p / 'cusparse.h').exists()))" 2>/dev/null)
-for dir in $NVIDIA_INCLUDE; do export CPATH="$dir${CPATH:+:$CPATH}"; done
-
 stage build 240 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DIFFREC_EXT_CUDA=1 \
   python3 -m pip install --no-build-isolation --no-deps -e .
 if ! python3 -c "import diffrec_ext.ops as o; assert o.BUILD_INFO['with_cuda'], o.BUILD_INFO" >> "$LOG" 2>&1; then
