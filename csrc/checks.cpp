@@ -25,6 +25,20 @@ bool poison_outputs() {
   return enabled;
 }
 
+// padding_mask [B, T] bool on the device of `values` ([B, T, d], named `name`).
+void check_padding_mask(const c10::optional<at::Tensor>& padding_mask, const at::Tensor& values,
+                        const char* name) {
+  if (!padding_mask.has_value()) return;
+  const auto& mask = *padding_mask;
+  const int64_t batch = values.size(0), length = values.size(1);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "padding_mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == length,
+              "padding_mask must be [B, T] = [", batch, ", ", length, "], got shape ",
+              shape_of(mask));
+  check_same_device(values, mask, name, "padding_mask");
+}
+
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -103,15 +117,7 @@ void check_denoiser_input_args(const at::Tensor& item_emb, const at::Tensor& pos
   check_same_device(item_emb, sqrt_abar, "item_emb", "sqrt_abar");
   check_same_device(item_emb, sqrt_one_minus_abar, "item_emb", "sqrt_one_minus_abar");
   check_same_device(item_emb, noise, "item_emb", "noise");
-  if (padding_mask.has_value()) {
-    const auto& mask = *padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "padding_mask must be bool, got ",
-                mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == length,
-                "padding_mask must be [B, T] = [", batch, ", ", length, "], got shape ",
-                shape_of(mask));
-    check_same_device(item_emb, mask, "item_emb", "padding_mask");
-  }
+  check_padding_mask(padding_mask, item_emb, "item_emb");
   check_ids_in_range(steps, 0, sqrt_abar.size(0), "steps");
 }
 
@@ -132,15 +138,7 @@ void check_denoiser_input_backward_args(const at::Tensor& grad_out, const at::Te
   check_float_tensor(sqrt_abar, "sqrt_abar");
   check_same_device(grad_out, steps, "grad_out", "steps");
   check_same_device(grad_out, sqrt_abar, "grad_out", "sqrt_abar");
-  if (padding_mask.has_value()) {
-    const auto& mask = *padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "padding_mask must be bool, got ",
-                mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == length,
-                "padding_mask must be [B, T] = [", batch, ", ", length, "], got shape ",
-                shape_of(mask));
-    check_same_device(grad_out, mask, "grad_out", "padding_mask");
-  }
+  check_padding_mask(padding_mask, grad_out, "grad_out");
   check_ids_in_range(steps, 0, sqrt_abar.size(0), "steps");
 }
 
@@ -210,6 +208,17 @@ void check_targets(const at::Tensor& targets, int64_t batch, int64_t num_items,
               "], got shape ", shape_of(targets));
   check_same_device(hidden, targets, "hidden", "targets");
   check_ids_in_range(targets, allow_absent ? -1 : 0, num_items, "targets");
+}
+
+void check_xent_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse,
+                              const at::Tensor& hidden) {
+  const int64_t batch = hidden.size(0);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch, "grad_loss must be [B] = [",
+              batch, "], got shape ", shape_of(grad_loss));
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == batch, "lse must be [B] = [", batch,
+              "], got shape ", shape_of(lse));
+  check_same_device(hidden, grad_loss, "hidden", "grad_loss");
+  check_same_device(hidden, lse, "hidden", "lse");
 }
 
 void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden) {

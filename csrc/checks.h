@@ -51,6 +51,10 @@ void check_exclusion_args(const c10::optional<at::Tensor>& exclude_offsets,
 void check_targets(const at::Tensor& targets, int64_t batch, int64_t num_items,
                    const at::Tensor& hidden, bool allow_absent = false);
 
+// grad_loss [B] and lse [B] of catalog_xent_backward, on hidden's device.
+void check_xent_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse,
+                              const at::Tensor& hidden);
+
 // Optional precomputed log-normalisers of the seed ops: [B, S], float64 for float64 hidden and
 // float32 otherwise, on hidden's device.
 void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden);

@@ -63,12 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cpu(
   const int64_t batch = hidden.size(0);
   check_targets(targets, batch, num_items, hidden, /*allow_absent=*/true);
   const auto acc = acc_type(hidden);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch, "grad_loss must be [B] = [",
-              batch, "], got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == batch, "lse must be [B] = [", batch, "], got ",
-              lse.sizes());
-  check_same_device(hidden, grad_loss, "hidden", "grad_loss");
-  check_same_device(hidden, lse, "hidden", "lse");
+  check_xent_backward_rows(grad_loss, lse, hidden);
   const at::Tensor target = targets.contiguous();
   const at::Tensor g = grad_loss.to(acc).contiguous(), row_lse = lse.to(acc).contiguous();
   at::Tensor grad_hidden_acc = at::zeros({batch, hidden.size(1)}, hidden.options().dtype(acc));

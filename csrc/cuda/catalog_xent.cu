@@ -145,12 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cuda(
   const int64_t num_items = check_catalog_args(hidden, weight, bias, /*seeded=*/false);
   const int64_t batch = hidden.size(0), dim = hidden.size(1);
   check_targets(targets, batch, num_items, hidden, /*allow_absent=*/true);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch, "grad_loss must be [B] = [",
-              batch, "], got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == batch, "lse must be [B] = [", batch, "], got ",
-              lse.sizes());
-  check_same_device(hidden, grad_loss, "hidden", "grad_loss");
-  check_same_device(hidden, lse, "hidden", "lse");
+  check_xent_backward_rows(grad_loss, lse, hidden);
   check_fits_int32(num_items, "the number of items V");
   check_fits_int32(batch, "B");
   const auto acc_type = at::toOpMathType(hidden.scalar_type());
