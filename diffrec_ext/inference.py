@@ -1,0 +1,293 @@
+"""Inference: Alg. 3 (default) and Alg. 2 behind one API, top-k recommendation and full-ranking
+evaluation without a [users, V] score matrix.
+
+Input of every inference pass: the user's history (dense ids), its last T - 1 items, then the
+[unk] slot (section 4.5.2). Both algorithms produce S predictions of h0 per user, [B, S, d]; the S
+softmax distributions softmax(W h0 + b) are averaged and ranked by the fused ops:
+`ops.seed_topk` (top-k) and `ops.seed_target_rank` (rank of a target).
+
+- Alg. 3: for each of S seeds, draw eps, noise the slot at step N and predict h0 = f(h_N, N) in
+  one pass. The S seeds are batched as B * S sequences in one forward.
+- Alg. 2: h_N = sqrt(abar_N) E[unk] + sqrt(1 - abar_N) eps, then for n = N..2
+  h_{n-1} = coef_h0[n] f(h_n, n) + coef_hn[n] h_n + sqrt(var[n]) z (posterior of Eq. 3, tables of
+  NoiseSchedule), and h0 = f(h_1, 1). (With the model's input_scale b != 1 the chain runs on
+  b h0: b E[unk] and b f(h_n, n) take the place of E[unk] and f(h_n, n).) With `stride` > 1 it visits the steps N, N - s, ..., and
+  uses the posterior q(h_s | h_t, h_0) between consecutive visited steps (t > s), computed from
+  abar_t and abar_s (it equals the tables when s = t - 1).
+- SASRec: deterministic, one prediction per user (S = 1).
+
+Padding id 0 is never recommended nor counted in a rank; `exclude_seen` also removes each user's
+history from the candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .model import DSR
+
+METHODS = ("alg3", "alg2")
+
+
+def _check_method(method: str):
+    if method not in METHODS:
+        raise ValueError(f"inference method must be one of {METHODS}, got {method!r}")
+
+
+def reverse_steps(num_steps: int, stride: int = 1) -> list[int]:
+    """Visited steps of Alg. 2, descending: N, N - stride, ..., down to >= 1."""
+    if not isinstance(stride, int) or not 1 <= stride <= num_steps:
+        raise ValueError(f"stride must be an int in [1, N = {num_steps}], got {stride!r}")
+    return list(range(num_steps, 0, -stride))
+
+
+def posterior(model: DSR, t: int, s: int) -> tuple[float, float, float]:
+    """(coef_h0, coef_hn, variance) of q(h_s | h_t, h_0), t > s >= 1."""
+    schedule = model.schedule
+    if s == t - 1:
+        return (float(schedule.posterior_coef_h0[t]), float(schedule.posterior_coef_hn[t]),
+                float(schedule.posterior_variance[t]))
+    abar_t, abar_s = float(schedule.abar[t]), float(schedule.abar[s])
+    beta = 1.0 - abar_t / abar_s
+    denom = 1.0 - abar_t
+    return (abar_s**0.5 * beta / denom, (1.0 - beta) ** 0.5 * (1.0 - abar_s) / denom,
+            beta * (1.0 - abar_s) / denom)
+
+
+@torch.no_grad()
+def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "alg3",
+               generator: torch.Generator | None = None, stride: int = 1,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Predictions of h0 for inference inputs `ids` [B, T] (ending with the [unk] slot): [B, S, d].
+
+    `noise` fixes the Gaussian draws: Alg. 3 [B, S, K, d]; Alg. 2 [m, B, S, d] with m = number of
+    visited steps (eps for h_N first, then one z per transition)."""
+    _check_method(method)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    batch = ids.shape[0]
+    device = ids.device
+    if not model.diffusion:
+        return model(ids)[:, None]
+    dtype = model.item_emb.weight.dtype
+    rep = ids.repeat_interleave(seeds, dim=0)
+    dim = model.dim
+    if method == "alg3":
+        k = model.noised_positions
+        if noise is None:
+            noise = torch.randn(batch, seeds, k, dim, generator=generator, device=device, dtype=dtype)
+        if noise.shape != (batch, seeds, k, dim):
+            raise ValueError(f"noise must be [B, S, K, d] = {(batch, seeds, k, dim)}, got {tuple(noise.shape)}")
+        h0 = model(rep, model.num_steps, noise.reshape(batch * seeds, k, dim))
+        return h0.reshape(batch, seeds, dim)
+    if model.noised_positions != 1:
+        raise ValueError("Alg. 2 is defined for target-only noising (noised_positions = 1)")
+    visited = reverse_steps(model.num_steps, stride)
+    if noise is None:
+        noise = torch.randn(len(visited), batch, seeds, dim, generator=generator, device=device, dtype=dtype)
+    if noise.shape != (len(visited), batch, seeds, dim):
+        raise ValueError(f"noise must be [m, B, S, d] = {(len(visited), batch, seeds, dim)}, got {tuple(noise.shape)}")
+    noise = noise.reshape(len(visited), batch * seeds, dim)
+    n = model.num_steps
+    unk = model.item_vectors(torch.tensor(model.unk_id, device=device))
+    scale = model.input_scale  # the process runs on input_scale * h0 (model.DSR)
+    h = float(model.schedule.sqrt_abar[n]) * scale * unk + float(model.schedule.sqrt_one_minus_abar[n]) * noise[0]
+    for index, t in enumerate(visited):
+        f = model.forward_from_hidden(rep, t, h)
+        if index + 1 == len(visited):
+            h = f  # the last visited step predicts h0 directly
+            break
+        s = visited[index + 1]
+        coef_h0, coef_hn, variance = posterior(model, t, s)
+        h = coef_h0 * scale * f + coef_hn * h + variance**0.5 * noise[index + 1]
+    return h.reshape(batch, seeds, dim)
+
+
+def inference_input(model: DSR, histories: Sequence[Sequence[int]] | torch.Tensor, device=None) -> torch.Tensor:
+    """[B, T] inputs from histories: dense-id lists (oldest first) or a left-padded [B, H] tensor."""
+    if isinstance(histories, torch.Tensor):
+        history = histories.to(device=device, dtype=torch.int64)
+    else:
+        keep = model.max_len - 1
+        history = torch.zeros(len(histories), keep, dtype=torch.int64)
+        for row, items in enumerate(histories):
+            items = [int(i) for i in items][-keep:]
+            if items:
+                history[row, keep - len(items):] = torch.tensor(items, dtype=torch.int64)
+        history = history.to(device)
+    if history.numel() and (history.min() < 0 or history.max() > model.num_items):
+        raise ValueError(f"history item ids must be in [0, {model.num_items}] (0 = padding)")
+    return model.build_input(history)
+
+
+def exclusion(histories: Sequence[Sequence[int]] | None, batch: int, exclude_seen: bool, device=None):
+    """CSR exclusion lists: padding id 0 always, plus each user's seen items when exclude_seen."""
+    lists = []
+    for row in range(batch):
+        seen = [int(i) for i in histories[row] if int(i) > 0] if (exclude_seen and histories is not None) else []
+        lists.append([0] + sorted(set(seen)))
+    return ops.exclusion_csr(lists, device=device)
+
+
+def _history_lists(histories) -> list[list[int]]:
+    if isinstance(histories, torch.Tensor):
+        return [[int(i) for i in row if int(i) > 0] for row in histories.cpu()]
+    return [[int(i) for i in row if int(i) > 0] for row in histories]
+
+
+@torch.no_grad()
+def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, seeds: int = 10,
+              method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256):
+    """Top-k dense item ids and their seed-averaged probabilities for each history:
+    (ids [B, k] int64, scores [B, k] float32), on the CPU."""
+    if not isinstance(k, int) or not 1 <= k <= model.num_items:
+        raise ValueError(f"k must be an int in [1, num_items = {model.num_items}], got {k!r}")
+    lists = _history_lists(histories)
+    if exclude_seen:
+        available = [model.num_items - len(set(items)) for items in lists]
+        if available and min(available) < k:
+            raise ValueError(f"k = {k} exceeds the {min(available)} items left after excluding a user's history")
+    model.eval()
+    device = model.out.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    all_ids, all_scores = [], []
+    for start in range(0, len(lists), batch_size):
+        chunk = lists[start:start + batch_size]
+        ids = inference_input(model, chunk, device)
+        hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
+        scores, items = ops.seed_topk(hidden, model.out.weight, model.out.bias, k, offsets, excluded)
+        all_ids.append(items.cpu())
+        all_scores.append(scores.float().cpu())
+    if not all_ids:
+        return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
+    return torch.cat(all_ids), torch.cat(all_scores)
+
+
+@torch.no_grad()
+def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seeds: int = 10,
+                 method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256,
+                 seen_offsets=None, seen_items=None, progress: bool = False) -> np.ndarray:
+    """0-based pessimistic rank of each target under full ranking (ops.seed_target_rank), [U] int64,
+    without a [U, V] score matrix.
+
+    `histories`: left-padded [U, H] tensor or lists of dense ids; `targets` [U] dense ids. With
+    exclude_seen, each user's seen items leave the ranking: the CSR `seen_offsets` [U + 1] /
+    `seen_items` when given (the untruncated history), else the items of `histories`. Padding (0)
+    is never counted."""
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    count = targets.shape[0]
+    if len(histories) != count:
+        raise ValueError(f"{len(histories)} histories for {count} targets")
+    if count and (targets.min() < 1 or targets.max() > model.num_items):
+        raise ValueError(f"targets must be item ids in [1, {model.num_items}]")
+    if (seen_offsets is None) != (seen_items is None):
+        raise ValueError("give both seen_offsets and seen_items, or neither")
+    if seen_offsets is not None:
+        seen_offsets = torch.as_tensor(seen_offsets, dtype=torch.int64)
+        seen_items = torch.as_tensor(seen_items, dtype=torch.int64)
+        if seen_offsets.shape != (count + 1,):
+            raise ValueError(f"seen_offsets must have {count + 1} entries, got {tuple(seen_offsets.shape)}")
+    if isinstance(histories, np.ndarray):
+        histories = torch.from_numpy(histories)
+    model.eval()
+    device = model.out.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ranks = []
+    starts = range(0, count, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="rank", leave=False, unit="batch", disable=None)
+    for start in starts:
+        stop = min(start + batch_size, count)
+        hist = histories[start:stop]
+        ids = inference_input(model, hist, device)
+        hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        if exclude_seen and seen_offsets is not None:
+            lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])
+            offsets = seen_offsets[start:stop + 1] - lo
+            # padding always excluded: prepend one 0 per row
+            rows = stop - start
+            counts = offsets[1:] - offsets[:-1] + 1
+            csr_offsets = torch.zeros(rows + 1, dtype=torch.int64)
+            csr_offsets[1:] = torch.cumsum(counts, 0)
+            csr_ids = torch.zeros(int(csr_offsets[-1]), dtype=torch.int64)
+            body = torch.ones(int(csr_offsets[-1]), dtype=torch.bool)
+            body[csr_offsets[:-1]] = False
+            csr_ids[body] = seen_items[lo:hi]
+            offsets, excluded = csr_offsets.to(device), csr_ids.to(device)
+        else:
+            lists = _history_lists(hist) if exclude_seen else None
+            offsets, excluded = exclusion(lists, stop - start, exclude_seen, device)
+        rank = ops.seed_target_rank(hidden, model.out.weight, model.out.bias,
+                                    targets[start:stop].to(device), offsets, excluded)
+        ranks.append(rank.cpu())
+    return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Recommendation:
+    item: object  # original item id
+    score: float
+    title: str | None = None
+
+
+class Recommender:
+    """A trained model plus its item id map: recommendations in original item ids."""
+
+    def __init__(self, model: DSR, item_ids: Sequence, config=None, meta: dict | None = None):
+        if len(item_ids) != model.num_items:
+            raise ValueError(f"{len(item_ids)} item ids for a model of {model.num_items} items")
+        self.model = model.eval()
+        self.item_ids = list(item_ids)  # dense id i -> item_ids[i - 1]
+        self.dense_of = {item: index + 1 for index, item in enumerate(self.item_ids)}
+        # original ids may have been read as ints or strings: accept either spelling
+        self.dense_of.update({str(item): index + 1 for index, item in enumerate(self.item_ids)})
+        self.config = config
+        self.meta = meta or {}
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", which: str = "best") -> "Recommender":
+        from .checkpoint import load_model
+
+        model, config, items, meta = load_model(path, device=device, which=which)
+        return cls(model, items, config, meta)
+
+    def to_dense(self, original_items: Sequence) -> tuple[list[int], list]:
+        """(dense ids, unknown original ids) of a history given in original item ids."""
+        dense, unknown = [], []
+        for item in original_items:
+            key = item if item in self.dense_of else str(item)
+            if key in self.dense_of:
+                dense.append(self.dense_of[key])
+            else:
+                unknown.append(item)
+        return dense, unknown
+
+    def recommend_dense(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True,
+                        titles: dict | None = None, **options) -> list[list[Recommendation]]:
+        seeds = options.pop("seeds", getattr(self.config, "seeds", 10))
+        ids, scores = recommend(self.model, histories, k=k, exclude_seen=exclude_seen, seeds=seeds, **options)
+        out = []
+        for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+            row = []
+            for dense, score in zip(row_ids, row_scores):
+                original = self.item_ids[dense - 1]
+                title = None
+                if titles is not None:
+                    title = titles.get(original, titles.get(str(original)))
+                row.append(Recommendation(original, float(score), title))
+            out.append(row)
+        return out
+
+    def recommend(self, history: Sequence, k: int = 10, exclude_seen: bool = True, titles: dict | None = None,
+                  **options) -> list[Recommendation]:
+        """Top-k for one history of original item ids (unknown ids are ignored; see to_dense)."""
+        dense, _ = self.to_dense(history)
+        return self.recommend_dense([dense], k=k, exclude_seen=exclude_seen, titles=titles, **options)[0]

@@ -1,0 +1,178 @@
+"""Training loop, config validation, determinism, checkpoint layout and resume (tiny CPU runs)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffrec_ext import checkpoint as ckpt
+from diffrec_ext.data import preprocess
+from diffrec_ext.train import ConfigError, TrainConfig, _loss, build_model, train
+
+TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, epochs=2,
+            dropout=0.1, device="cpu")
+
+
+def tiny_dataset(users=50, items=20, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(users):
+        item = int(rng.integers(1, items + 1))
+        for t in range(int(rng.integers(4, 10))):
+            rows.append((user, item, t))
+            item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
+    return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return tiny_dataset()
+
+
+def metrics_of(result):
+    return {split: result[split] for split in ("valid", "test")}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim="64"), "dim must be int"),
+    (dict(dim=30, heads=4), "divisible"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(mode="windows"), "mode must be one of"),
+    (dict(kind="bert"), "kind must be one of"),
+    (dict(schedule="exp"), "schedule must be one of"),
+    (dict(num_steps=0), "num_steps must be >= 1"),
+    (dict(noised_positions=9, max_len=8), "noised_positions must be <= 8"),
+    (dict(mode="user", noised_positions=2), "noises the target only"),
+    (dict(mode="user", causal=False), "needs causal"),
+    (dict(epochs=True), "epochs must be int"),
+    (dict(batch_size=-1), "batch_size must be >= 1"),
+    (dict(device="tpu"), "device must be"),
+    (dict(inference="ddim"), "inference must be one of"),
+    (dict(input_scale=0.0), "input_scale must be > 0"),
+    (dict(importance_loss="ce"), "importance_loss must be one of"),
+    (dict(attn_dropout=1.0), "attn_dropout"),
+])
+def test_malformed_config_values_get_clear_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**bad).validate()
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    config = TrainConfig(**TINY)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        TrainConfig.from_dict({**config.to_dict(), "hidden": 3})
+
+
+def test_loss_stops_gradient_through_mse_target_and_uses_importance_weights(dataset):
+    from diffrec_ext.data import training_sequences
+    from diffrec_ext.sampler import LossSecondMomentSampler
+
+    config = TrainConfig(**{**TINY, "dropout": 0.0}, mse_weight=1.0)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.num_items)
+    rows = training_sequences(dataset, config.max_len - 1, "prefix")
+    batch = rows.batch(np.arange(16))
+    sampler = LossSecondMomentSampler(config.num_steps)
+    gen = torch.Generator().manual_seed(0)
+    loss, parts = _loss(model, batch, config, sampler, gen, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert set(parts) == {"loss", "loss_rec", "loss_mse"}
+    assert parts["loss"] == pytest.approx(parts["loss_rec"] + parts["loss_mse"], rel=1e-5)
+    assert int(sampler.counts.sum()) == 16  # one L_n recorded per sequence
+    # the MSE alone gives the target's embedding row a gradient only through the noised input
+    # (scaled by sqrt(abar_n)), never through the regression target
+    model.zero_grad()
+    target = int(batch["target"][0])
+    ids = model.build_input(batch["history"][:1], batch["target"][:1])
+    f = model(ids, torch.tensor([config.num_steps]), torch.zeros(1, 1, config.dim))
+    mse = (f - model.item_vectors(batch["target"][:1]).detach()).pow(2).mean()
+    mse.backward()
+    grad_with_stop = model.item_emb.weight.grad[target].clone()
+    model.zero_grad()
+    f = model(ids, torch.tensor([config.num_steps]), torch.zeros(1, 1, config.dim))
+    (f - model.item_vectors(batch["target"][:1])).pow(2).mean().backward()
+    assert not torch.allclose(grad_with_stop, model.item_emb.weight.grad[target])
+
+
+@pytest.mark.parametrize("kind, mode", [("diffrec", "prefix"), ("sasrec", "prefix"), ("diffrec", "user"),
+                                        ("sasrec", "user")])
+def test_tiny_training_runs_and_is_repeatable(dataset, kind, mode):
+    config = TrainConfig(**TINY, kind=kind, mode=mode)
+    first = train(config, dataset, progress=False, log=None)
+    second = train(config, dataset, progress=False, log=None)
+    assert metrics_of(first) == metrics_of(second)
+    for split in ("valid", "test"):
+        assert set(first[split]) == {f"{m}@{k}" for k in (5, 10, 20) for m in ("HR", "NDCG")}
+        assert all(0.0 <= v <= 1.0 for v in first[split].values())
+    assert set(first["popularity"]) == {"valid", "test"}
+
+
+def test_run_directory_layout_log_and_best_checkpoint(dataset, tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 3})
+    result = train(config, dataset, tmp_path / "run", progress=False, log=None)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for record in lines:
+        assert {"loss", "loss_mse", "loss_rec", "valid", "item_emb_norm", "seconds"} <= set(record)
+        assert record["item_emb_norm"] > 0
+    best = max(lines, key=lambda r: r["valid"]["NDCG@10"])
+    pointer = json.loads((run / "best.json").read_text())
+    assert pointer["epoch"] == result["best_epoch"] == best["epoch"]
+    assert json.loads((run / "result.json").read_text())["test"] == result["test"]
+    # only the epochs a pointer names are kept; no temporary files are left behind
+    kept = sorted(p.name for p in run.iterdir() if p.is_dir())
+    assert kept == sorted({f"epoch-{best['epoch']:04d}", "epoch-0003"})
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")]
+    # a second run into the same directory without resume is refused
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, dataset, run, progress=False, log=None)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["diffrec", "sasrec"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(dataset, tmp_path, kind):
+    config = TrainConfig(**{**TINY, "epochs": 3, "kind": kind})
+    straight = train(config, dataset, tmp_path / "straight", progress=False, log=None)
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, dataset, tmp_path / "resumed", progress=False, log=None, callback=stop_after_two)
+    assert json.loads((tmp_path / "resumed" / "last.json").read_text())["epoch"] == 2
+    resumed = train(config, dataset, tmp_path / "resumed", resume=True, progress=False, log=None)
+    assert metrics_of(resumed) == metrics_of(straight)
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    for name, tensor in straight["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"].state_dict()[name], tensor, rtol=0, atol=0)
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
+    # a changed config cannot resume
+    with pytest.raises(ConfigError, match="config differs"):
+        train(config.replace(dim=32), dataset, tmp_path / "resumed", resume=True, progress=False, log=None)
+
+
+def test_checkpoint_state_is_safetensors_and_json(dataset, tmp_path):
+    config = TrainConfig(**{**TINY, "epochs": 1})
+    train(config, dataset, tmp_path / "run", progress=False, log=None)
+    directory, state, tensors = ckpt.read_run_state(tmp_path / "run")
+    assert state["train_state"]["epoch"] == 1
+    assert any(name.startswith("optimizer.") for name in tensors)
+    assert {"rng.torch", "rng.steps", "rng.noise", "rng.order", "sampler.loss_history"} <= set(tensors)
+    model, loaded_config, items, meta = ckpt.load_model(tmp_path / "run")
+    assert loaded_config == config and len(items) == dataset.num_items
+    assert meta["dataset"]["num_items"] == dataset.num_items
+
+
+def test_early_stopping(dataset):
+    config = TrainConfig(**{**TINY, "epochs": 30, "patience": 1, "lr": 1e-6})
+    result = train(config, dataset, progress=False, log=None)
+    assert result["epochs_run"] < 30
