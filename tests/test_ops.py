@@ -439,3 +439,11 @@ def test_bad_lse_is_named():
         C.seed_topk(hidden, weight, bias, 3, None, None, torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match="lse must be Float for BFloat16 hidden"):
         C.seed_topk(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), 3, None, None, torch.zeros(2, 3).double())
+
+
+def test_non_differentiable_ops_accept_tensors_that_require_grad():
+    hidden, weight, bias = catalog_case(3, 2, 8, 50, torch.float32)
+    weight.requires_grad_(True)
+    values, _ = C.seed_topk(hidden, weight, bias, 4, None, None)
+    ranks = C.seed_target_rank(hidden, weight, bias, torch.tensor([1, 2, 3]), None, None)
+    assert not torch.isnan(values).any() and ranks.shape == (3,)

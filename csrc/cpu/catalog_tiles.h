@@ -63,6 +63,9 @@ class CatalogTiles {
   }
 
  private:
+  // Declared first so it covers every ATen call of the tiles: the ops may be called on tensors
+  // that require grad (their autograd is registered in Python, around these kernels).
+  at::NoGradGuard no_grad_;
   at::ScalarType acc_;
   at::Tensor hidden_, weight_, bias_;
   int64_t rows_, num_items_, tile_;
