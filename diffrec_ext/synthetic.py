@@ -125,10 +125,12 @@ def synthetic_interactions(config: SyntheticConfig | None = None, **overrides) -
     return table
 
 
-def synthetic_dataset(config: SyntheticConfig | None = None, *, k_core: int = 5, **overrides) -> SequenceDataset:
+def synthetic_dataset(config: SyntheticConfig | None = None, *, k_core: int = 5, item_k_core: int | None = None,
+                      **overrides) -> SequenceDataset:
     """The synthetic dataset through the same preprocessing as real data (k-core filter included)."""
     config = _config(config, overrides)
-    return preprocess(synthetic_interactions(config), name=f"synthetic-seed{config.seed}", k_core=k_core)
+    return preprocess(synthetic_interactions(config), name=f"synthetic-seed{config.seed}", k_core=k_core,
+                      item_k_core=item_k_core)
 
 
 def write_synthetic(path, config: SyntheticConfig | None = None, **overrides) -> Path:
