@@ -1,9 +1,22 @@
-"""diffrec-ext: DiffRec (Du et al., 2023) with fused C++/CUDA kernels."""
+"""diffrec-ext: DiffRec (Du et al., 2023) with fused C++/CUDA kernels.
+
+The data path, one module each: file -> `data.load_dataset` (or `synthetic.synthetic_dataset`)
+-> `data.training_sequences` / `data.evaluation_batch` (batches) -> `model.DSR` trained by
+`train.train` -> scores (`inference.Recommender`, `ops.seed_topk`, `ops.seed_target_rank`)
+-> `metrics`.
+"""
 
 from . import ops, reference
+from .data import SequenceDataset, load_dataset
+from .inference import Recommender
 from .ops import BUILD_INFO, HAVE_EXTENSION
 from .schedules import NoiseSchedule
+from .synthetic import synthetic_dataset
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "NoiseSchedule", "BUILD_INFO", "HAVE_EXTENSION", "__version__"]
+__all__ = [
+    "ops", "reference", "NoiseSchedule", "BUILD_INFO", "HAVE_EXTENSION", "__version__",
+    "SequenceDataset", "load_dataset", "synthetic_dataset", "TrainConfig", "train", "Recommender",
+]
