@@ -2,7 +2,7 @@
 (einsum, softmax, mean over seeds, topk), time and peak memory, measured in one run.
 
     python -m pytest benchmarks/bench_seed_topk_cpu.py --benchmark-only -s
-    python benchmarks/bench_seed_topk_cpu.py            # prints the ratios as a table
+    python benchmarks/bench_seed_topk_cpu.py [--threads N]   # prints the ratios as a table
 
 Memory is the growth of the resident set (Linux VmHWM after resetting it through
 /proc/self/clear_refs), so it counts every allocation, the BLAS workspace included.
@@ -105,7 +105,7 @@ def test_ratio_report():
 def format_table(result: dict) -> str:
     mib = 1 << 20
     return "\n".join([
-        f"seed-averaged top-k, CPU, {SHAPE} , {result['threads']} threads",
+        f"seed-averaged top-k, CPU, {SHAPE}, {result['threads']} threads",
         "| version | median time (s) | peak extra memory (MiB) |",
         "|---|---|---|",
         f"| eager PyTorch | {result['eager_s']:.3f} | {result['eager_peak_bytes'] / mib:.1f} |",
@@ -115,4 +115,10 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if (threads := parser.parse_args().threads) is not None:
+        torch.set_num_threads(threads)
     print(format_table(compare()))

@@ -72,24 +72,26 @@ class CatalogTiles {
   at::Tensor logits_, weight_tile_;
 };
 
-// Online log-sum-exp state of one row: running maximum and the sum of exp(x - maximum), summed
-// in double so the normaliser of a million-item catalog keeps float32 scores within 1e-6.
-template <typename acc_t>
-struct OnlineLogSumExp {
-  acc_t maximum = -std::numeric_limits<acc_t>::infinity();
-  double sum = 0;
+// Log-sum-exp of every row over all tiles: each tile's log-sum-exp comes from ATen's vectorised
+// kernel, and the tiles are combined in double so a catalog of millions keeps float32 precision.
+class RunningLogSumExp {
+ public:
+  RunningLogSumExp(int64_t rows, const at::TensorOptions& options)
+      : total_(at::full({rows}, -std::numeric_limits<double>::infinity(),
+                        options.dtype(at::kDouble))),
+        tile_(at::empty({rows}, options)) {}
 
-  void update(const acc_t* x, int64_t n) {
-    acc_t tile_max = maximum;
-    for (int64_t i = 0; i < n; ++i) tile_max = std::max(tile_max, x[i]);
-    if (tile_max == -std::numeric_limits<acc_t>::infinity()) return;
-    double tile_sum = 0;
-    for (int64_t i = 0; i < n; ++i) tile_sum += std::exp(x[i] - tile_max);
-    sum = sum * std::exp(maximum - tile_max) + tile_sum;
-    maximum = tile_max;
+  void add(const at::Tensor& logits) {
+    at::logsumexp_out(tile_, logits, {1});
+    total_ = at::logaddexp(total_, tile_.to(at::kDouble));
   }
 
-  acc_t value() const { return maximum + static_cast<acc_t>(std::log(sum)); }
+  // [rows] in dtype
+  at::Tensor value(at::ScalarType dtype) const { return total_.to(dtype); }
+
+ private:
+  at::NoGradGuard no_grad_;
+  at::Tensor total_, tile_;
 };
 
 }  // namespace diffrec

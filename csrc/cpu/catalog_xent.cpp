@@ -31,27 +31,24 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cpu(const at::Tensor& hidden,
   at::Tensor lse = empty_output({batch}, loss.options());
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "catalog_xent_cpu", [&] {
     CatalogTiles tiles(hidden, weight, bias.has_value() ? *bias : at::Tensor(), acc_type(hidden));
-    std::vector<OnlineLogSumExp<scalar_t>> state(batch);
+    RunningLogSumExp running(batch, loss.options());
     std::vector<scalar_t> target_logit(batch, scalar_t(0));  // stays 0 for an absent target (-1)
     for (int64_t start = 0; start < num_items; start += tiles.tile()) {
       const int64_t count = std::min(tiles.tile(), num_items - start);
-      const scalar_t* logits = tiles.logits(start, count).data_ptr<scalar_t>();
-      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          state[b].update(logits + b * count, count);
-          const int64_t column = target_item[b] - start;
-          if (target_item[b] >= 0 && column < count && column >= 0) {
-            target_logit[b] = logits[b * count + column];
-          }
+      const at::Tensor tile_logits = tiles.logits(start, count);
+      running.add(tile_logits);
+      const scalar_t* logits = tile_logits.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t column = target_item[b] - start;
+        if (target_item[b] >= 0 && column >= 0 && column < count) {
+          target_logit[b] = logits[b * count + column];
         }
-      });
+      }
     }
+    lse.copy_(running.value(loss.scalar_type()));
     scalar_t* loss_out = loss.data_ptr<scalar_t>();
-    scalar_t* lse_out = lse.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      lse_out[b] = state[b].value();
-      loss_out[b] = lse_out[b] - target_logit[b];
-    }
+    const scalar_t* lse_out = lse.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) loss_out[b] = lse_out[b] - target_logit[b];
   });
   return {loss, lse};
 }

@@ -3,7 +3,9 @@
 // recomputes the logits and either writes the scores (seed_avg_probs), keeps a running top-k
 // (seed_topk) or counts the items that beat each target (seed_target_rank). In pass 2 an item's
 // score is bounded by exp(max_s(logit - lse)) without any exp, so items that cannot matter are
-// skipped before their S exponentials are taken.
+// skipped before their S exponentials are taken. The dense per-tile math (log-sum-exp, the
+// shift by lse, the bound) runs through ATen's vectorised kernels; the loops here only touch
+// the few items that pass the bound.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,76 +28,69 @@ template <typename acc_t>
 struct SeedScorer {
   CatalogTiles tiles;
   int64_t batch, seeds;
-  std::vector<acc_t> lse;  // [batch * seeds]
+  at::Tensor lse;  // [B, S, 1]
+  at::Tensor shifted_buffer, bound_buffer;
 
   // With `known_lse` ([B, S], e.g. over a whole sharded catalog) the first pass is skipped.
   SeedScorer(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
              at::ScalarType acc, const c10::optional<at::Tensor>& known_lse)
       : tiles(hidden.reshape({-1, hidden.size(2)}), weight, bias, acc),
         batch(hidden.size(0)),
-        seeds(hidden.size(1)),
-        lse(batch * seeds) {
+        seeds(hidden.size(1)) {
+    const auto options = hidden.options().dtype(acc);
     if (known_lse.has_value()) {
-      const at::Tensor given = known_lse->contiguous();
-      std::copy(given.data_ptr<acc_t>(), given.data_ptr<acc_t>() + batch * seeds, lse.begin());
-      return;
+      lse = known_lse->reshape({batch, seeds, 1}).contiguous();
+    } else {
+      RunningLogSumExp running(batch * seeds, options);
+      for (int64_t start = 0; start < tiles.num_items(); start += tiles.tile()) {
+        running.add(tiles.logits(start, std::min(tiles.tile(), tiles.num_items() - start)));
+      }
+      lse = running.value(acc).view({batch, seeds, 1});
     }
-    std::vector<OnlineLogSumExp<acc_t>> state(batch * seeds);
-    for_each_tile([&](int64_t, int64_t count, const acc_t* logits) {
-      at::parallel_for(0, batch * seeds, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) state[r].update(logits + r * count, count);
-      });
-    });
-    for (int64_t r = 0; r < batch * seeds; ++r) lse[r] = state[r].value();
+    shifted_buffer = at::empty({batch * seeds * tiles.tile()}, options);
+    bound_buffer = at::empty({batch * tiles.tile()}, options);
   }
 
-  // Exact seed-averaged score of item column `i` of a tile for user b (fixed order over seeds,
-  // so every kernel computes the same value for the same item).
-  acc_t score(const acc_t* logits, int64_t count, int64_t b, int64_t i) const {
-    acc_t total = 0;
-    for (int64_t s = 0; s < seeds; ++s) {
-      const int64_t r = b * seeds + s;
-      total += std::exp(logits[r * count + i] - lse[r]);
+  const acc_t* lse_of(int64_t b) const { return lse.data_ptr<acc_t>() + b * seeds; }
+
+  // Calls fn(start, count, shifted, bound) per tile: shifted[(b * S + s) * count + i] =
+  // logit - lse[b, s] and bound[b * count + i] = max_s shifted, the log of an upper bound on
+  // the item's averaged score.
+  template <typename TileFn>
+  void for_each_tile(TileFn&& fn) {
+    const at::NoGradGuard no_grad;
+    for (int64_t start = 0; start < tiles.num_items(); start += tiles.tile()) {
+      const int64_t count = std::min(tiles.tile(), tiles.num_items() - start);
+      at::Tensor logits = tiles.logits(start, count).view({batch, seeds, count});
+      at::Tensor shifted = shifted_buffer.narrow(0, 0, batch * seeds * count).view({batch, seeds, count});
+      at::sub_out(shifted, logits, lse);
+      at::Tensor bound = bound_buffer.narrow(0, 0, batch * count).view({batch, count});
+      at::amax_out(bound, shifted, {1});
+      fn(start, count, shifted, shifted.template data_ptr<acc_t>(), bound.template data_ptr<acc_t>());
     }
+  }
+
+  // Exact seed-averaged score of item column i for user b (fixed order over seeds, so every
+  // kernel computes the same value for the same item).
+  acc_t score(const acc_t* shifted, int64_t count, int64_t b, int64_t i) const {
+    acc_t total = 0;
+    for (int64_t s = 0; s < seeds; ++s) total += std::exp(shifted[(b * seeds + s) * count + i]);
     return total / static_cast<acc_t>(seeds);
   }
 
-  // log of the exact seed-averaged score of one item for user b, whose logit for seed s is at
+  // log of the exact averaged score of one item whose shifted logit for seed s is at
   // first[s * stride]. Used where scores are compared with each other, so that probabilities
   // below float range (1e-38) still order correctly instead of tying at zero.
-  acc_t log_score(const acc_t* first, int64_t stride, int64_t b) const {
-    const acc_t* shift = lse.data() + b * seeds;
+  acc_t log_score(const acc_t* first, int64_t stride) const {
     acc_t largest = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t s = 0; s < seeds; ++s) largest = std::max(largest, first[s * stride] - shift[s]);
+    for (int64_t s = 0; s < seeds; ++s) largest = std::max(largest, first[s * stride]);
     acc_t total = 0;
-    for (int64_t s = 0; s < seeds; ++s) total += std::exp(first[s * stride] - shift[s] - largest);
+    for (int64_t s = 0; s < seeds; ++s) total += std::exp(first[s * stride] - largest);
     return largest + std::log(total / static_cast<acc_t>(seeds));
   }
 
-  // The same for item column i of a tile of `count` columns.
-  acc_t log_score(const acc_t* logits, int64_t count, int64_t b, int64_t i) const {
-    return log_score(logits + b * seeds * count + i, count, b);
-  }
-
-  // bound[i] = max_s (logit - lse) for user b: log of an upper bound on the item's score.
-  void log_bound(const acc_t* logits, int64_t count, int64_t b, acc_t* bound) const {
-    const acc_t* row = logits + b * seeds * count;
-    const acc_t shift0 = lse[b * seeds];
-    for (int64_t i = 0; i < count; ++i) bound[i] = row[i] - shift0;
-    for (int64_t s = 1; s < seeds; ++s) {
-      const acc_t* seed_row = row + s * count;
-      const acc_t shift = lse[b * seeds + s];
-      for (int64_t i = 0; i < count; ++i) bound[i] = std::max(bound[i], seed_row[i] - shift);
-    }
-  }
-
-  template <typename TileFn>
-  void for_each_tile(TileFn&& fn) {
-    for (int64_t start = 0; start < tiles.num_items(); start += tiles.tile()) {
-      const int64_t count = std::min(tiles.tile(), tiles.num_items() - start);
-      const acc_t* logits = tiles.logits(start, count).template data_ptr<acc_t>();
-      fn(start, count, logits);
-    }
+  acc_t log_score(const acc_t* shifted, int64_t count, int64_t b, int64_t i) const {
+    return log_score(shifted + b * seeds * count + i, count);
   }
 };
 
@@ -157,13 +152,9 @@ at::Tensor seed_avg_probs_cpu(const at::Tensor& hidden, const at::Tensor& weight
   at::Tensor out = empty_output({batch, num_items}, hidden.options().dtype(acc_type(hidden)));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "seed_avg_probs_cpu", [&] {
     SeedScorer<scalar_t> scorer(hidden, weight, bias_or_undefined(bias), acc_type(hidden), lse);
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    scorer.for_each_tile([&](int64_t start, int64_t count, const scalar_t* logits) {
-      at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          for (int64_t i = 0; i < count; ++i)
-            dst[b * num_items + start + i] = scorer.score(logits, count, b, i);
-      });
+    scorer.for_each_tile([&](int64_t start, int64_t count, at::Tensor& shifted, const scalar_t*,
+                             const scalar_t*) {
+      out.narrow(1, start, count).copy_(shifted.exp_().mean(1));
     });
   });
   return out;
@@ -195,12 +186,12 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cpu(const at::Tensor& hidden,
     std::vector<std::vector<Cand>> heaps(batch);
     for (auto& heap : heaps) heap.reserve(k);
     const scalar_t slack = static_cast<scalar_t>(std::log1p(-kBoundSlack));
-    scorer.for_each_tile([&](int64_t start, int64_t count, const scalar_t* logits) {
+    scorer.for_each_tile([&](int64_t start, int64_t count, at::Tensor&, const scalar_t* shifted,
+                             const scalar_t* bounds) {
       at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<scalar_t> bound(count);
         for (int64_t b = b0; b < b1; ++b) {
           auto& heap = heaps[b];
-          scorer.log_bound(logits, count, b, bound.data());
+          const scalar_t* bound = bounds + b * count;
           // Items whose bound is below the current k-th score cannot enter; -inf until full.
           auto skip_threshold = [&] {
             return static_cast<int64_t>(heap.size()) < k
@@ -212,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cpu(const at::Tensor& hidden,
             if (bound[i] < skip_below) continue;
             const int64_t item = start + i;
             if (cursors[b].excludes(item)) continue;
-            const Cand cand{scorer.score(logits, count, b, i), item};
+            const Cand cand{scorer.score(shifted, count, b, i), item};
             if (static_cast<int64_t>(heap.size()) < k) {
               heap.push_back(cand);
               std::push_heap(heap.begin(), heap.end(), ranks_before<scalar_t>);
@@ -269,28 +260,31 @@ at::Tensor seed_target_rank_cpu(const at::Tensor& hidden, const at::Tensor& weig
     }
     target_logits = target_logits.contiguous();
     const scalar_t* tl = target_logits.data_ptr<scalar_t>();
-    std::vector<scalar_t> estimate(batch), exact(batch), slack(batch);
+    std::vector<scalar_t> estimate(batch), exact(batch), slack(batch), shifted_target(scorer.seeds);
     for (int64_t b = 0; b < batch; ++b) {
-      estimate[b] = scorer.log_score(tl + b * scorer.seeds, 1, b);
+      for (int64_t s = 0; s < scorer.seeds; ++s) {
+        shifted_target[s] = tl[b * scorer.seeds + s] - scorer.lse_of(b)[s];
+      }
+      estimate[b] = scorer.log_score(shifted_target.data(), 1);
       slack[b] = static_cast<scalar_t>(kBoundSlack) * std::max(scalar_t(1), std::abs(estimate[b]));
     }
     std::vector<int64_t> count_above(batch, 0);
     std::vector<std::vector<scalar_t>> pending(batch);
-    scorer.for_each_tile([&](int64_t start, int64_t count, const scalar_t* logits) {
+    scorer.for_each_tile([&](int64_t start, int64_t count, at::Tensor&, const scalar_t* shifted,
+                             const scalar_t* bounds) {
       at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<scalar_t> bound(count);
         for (int64_t b = b0; b < b1; ++b) {
-          scorer.log_bound(logits, count, b, bound.data());
+          const scalar_t* bound = bounds + b * count;
           const scalar_t low = estimate[b] - slack[b], high = estimate[b] + slack[b];
           for (int64_t i = 0; i < count; ++i) {
             const int64_t item = start + i;
             if (item == target_item[b]) {
-              exact[b] = scorer.log_score(logits, count, b, i);
+              exact[b] = scorer.log_score(shifted, count, b, i);
               continue;
             }
             if (bound[i] < low) continue;
             if (cursors[b].excludes(item)) continue;
-            const scalar_t value = scorer.log_score(logits, count, b, i);
+            const scalar_t value = scorer.log_score(shifted, count, b, i);
             if (value > high) {
               ++count_above[b];
             } else if (value >= low) {
