@@ -57,8 +57,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
+def _stage_bytes(path: Path, data: bytes) -> str:
+    """Writes `data` to a fsynced temporary file beside `path` and returns its name (removed again
+    if the write fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -66,6 +67,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _stage_bytes(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -74,13 +86,52 @@ def atomic_write_bytes(path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_files(files: dict) -> None:
+    """Writes several files: every temporary file is written and fsynced first, then all are renamed
+    into place, so a failure while writing (the whole of the I/O) leaves every previous file as it
+    was. Only a crash between the renames (microseconds) can mix old and new files."""
+    staged = []
+    try:
+        for path, data in files.items():
+            staged.append((_stage_bytes(Path(path), data), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for parent in {path.parent for _, path in staged}:
+        _fsync_dir(parent)
+
+
+def remove_stale_temporaries(directory) -> None:
+    """Removes the temporary files (`.NAME.*.tmp`) and epoch directories (`.epoch-*`) a killed
+    writer left in `directory`. Only for directories with a single writer, such as a run directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
+            child.unlink(missing_ok=True)
+        elif child.name.startswith(".epoch-") and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+    return st_save(tensors, metadata=metadata)
+
+
 def atomic_write_json(path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def atomic_write_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    atomic_write_bytes(path, _tensor_bytes(tensors, metadata))
 
 
 def read_json(path) -> Any:
@@ -108,12 +159,16 @@ def save_model(directory, model: torch.nn.Module, config: dict, item_ids, extra:
     """Write model.safetensors, config.json and items.json into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_tensors(directory / MODEL_FILE, dict(model.state_dict()), metadata={"format": FORMAT})
     item_ids = [_jsonable_id(i) for i in item_ids]
-    atomic_write_json(directory / ITEMS_FILE, item_ids)
     meta = {"format": FORMAT, "config": config, "num_items": len(item_ids)}
     meta.update(extra or {})
-    atomic_write_json(directory / CONFIG_FILE, meta)
+    # all three files are written before any is renamed: overwriting a checkpoint either completes
+    # or leaves the previous one whole
+    atomic_write_files({
+        directory / MODEL_FILE: _tensor_bytes(dict(model.state_dict()), metadata={"format": FORMAT}),
+        directory / ITEMS_FILE: _json_bytes(item_ids),
+        directory / CONFIG_FILE: _json_bytes(meta),
+    })
     return directory
 
 
@@ -135,7 +190,11 @@ def resolve(path, which: str = "best") -> Path:
         return path
     pointer = path / (BEST_POINTER if which == "best" else LAST_POINTER)
     if pointer.is_file():
-        target = path / read_json(pointer)["checkpoint"]
+        content = read_json(pointer)
+        name = content.get("checkpoint") if isinstance(content, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise CheckpointError(f"{pointer} must hold {{\"checkpoint\": \"<epoch directory>\"}}, got {content!r}")
+        target = path / name
         if not (target / CONFIG_FILE).is_file():
             raise CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint")
         return target
@@ -163,8 +222,14 @@ def load_model(path, device="cpu", which: str = "best"):
     from .train import TrainConfig, build_model  # the config lives with the trainer
 
     directory, meta, items = read_meta(path, which)
-    config = TrainConfig.from_dict(meta["config"])
-    model = build_model(config, meta["num_items"])
+    num_items = meta.get("num_items")
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: num_items must be a positive int, got {num_items!r}")
+    try:
+        config = TrainConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as error:  # ConfigError is a ValueError
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from None
+    model = build_model(config, num_items)
     load_weights(model, directory / MODEL_FILE)
     model.to(device).eval()
     return model, config, items, meta
@@ -177,11 +242,17 @@ def load_weights(model: torch.nn.Module, path) -> None:
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for name, tensor in state.items():
+    for name in expected:  # in the model's order, so the first mismatch reported is always the same
+        tensor = state[name]
         if tensor.shape != expected[name].shape:
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
             )
+        if tensor.dtype != expected[name].dtype:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {tensor.dtype}, the model expects "
+                                  f"{expected[name].dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
     model.load_state_dict(state)
 
 
@@ -245,8 +316,7 @@ def write_run_checkpoint(run_dir, epoch: int, model, config: dict, item_ids, ext
     for child in run_dir.iterdir():
         if child.is_dir() and child.name.startswith("epoch-") and child.name not in keep:
             shutil.rmtree(child, ignore_errors=True)
-        elif child.is_dir() and child.name.startswith(".epoch-"):
-            shutil.rmtree(child, ignore_errors=True)
+    remove_stale_temporaries(run_dir)  # left by a writer that was killed
     return final
 
 

@@ -14,6 +14,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -30,6 +31,27 @@ SYNTHETIC = "synthetic"
 
 class CLIError(Exception):
     """A user error: printed as `diffrec <command>: error: ...`, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +99,8 @@ def _data_spec(args, stored: dict | None = None) -> dict:
         raise CLIError(f"--k-core must be a positive integer, got {spec['k_core']!r}")
     if spec["item_k_core"] is not None and (not isinstance(spec["item_k_core"], int) or spec["item_k_core"] < 0):
         raise CLIError(f"--item-k-core must be a non-negative integer, got {spec['item_k_core']!r}")
+    if spec["min_rating"] is not None and not math.isfinite(spec["min_rating"]):
+        raise CLIError(f"--min-rating must be a finite number, got {spec['min_rating']!r}")
     return spec
 
 
@@ -89,6 +113,8 @@ def _load_dataset(spec: dict):
         return synthetic_dataset(seed=spec["synthetic_seed"], k_core=spec["k_core"],
                                  item_k_core=spec.get("item_k_core"))
     path = Path(spec["path"])
+    if path.is_dir():
+        raise CLIError(f"data file {path} is a directory, not a file")
     if not path.is_file():
         raise CLIError(f"data file {path} does not exist")
     options = dict(spec.get("columns") or {})
@@ -107,15 +133,15 @@ def _load_dataset(spec: dict):
 
 def _add_eval_args(parser):
     group = parser.add_argument_group("inference")
-    group.add_argument("--seeds", type=int, default=None, help="S: predictions averaged per user (default: the checkpoint's)")
+    group.add_argument("--seeds", type=_positive_int, default=None, help="S: predictions averaged per user (default: the checkpoint's)")
     group.add_argument("--method", choices=["alg3", "alg2"], default=None,
                        help="alg3: one pass from step N per seed (default); alg2: the full reverse process")
-    group.add_argument("--stride", type=int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
+    group.add_argument("--stride", type=_positive_int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
     group.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                        help="remove each user's history from the ranking (default: the checkpoint's setting)")
     group.add_argument("--seed", type=int, default=0, help="seed of the inference noise (default 0)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    group.add_argument("--batch-size", type=int, default=256, help="users per inference batch (default 256)")
+    group.add_argument("--batch-size", type=_positive_int, default=256, help="users per inference batch (default 256)")
 
 
 CONFIG_CHOICES: dict = {}
@@ -318,6 +344,7 @@ def cmd_download(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
+    from .checkpoint import CheckpointError
     from .train import ConfigError, train
 
     config = _config_from_args(args)
@@ -332,7 +359,7 @@ def cmd_train(args) -> int:
     try:
         result = train(config, dataset, out, resume=args.resume, progress=not args.quiet, log=print,
                        extra_meta={"data": spec})
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         raise CLIError(str(error)) from None
     print()
     _print_table({"popularity": result["popularity"]["valid"], config.kind: result["valid"] or {}},
@@ -348,7 +375,7 @@ def _device(name: str):
     try:
         return resolve_device(name)
     except (ConfigError, RuntimeError) as error:
-        raise CLIError(str(error)) from None
+        raise CLIError(f"--device {name!r}: {error}") from None
 
 
 def _load_checkpoint(path, device):
@@ -406,7 +433,10 @@ def read_titles(path) -> dict:
     movies.csv (`movieId,title,genres`), or any `id<TAB>title...` file. Keys are ints where the id is
     numeric, else strings."""
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CLIError(f"cannot read --items {path}: {error.strerror or error}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -504,13 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "DiffRec and the SASRec baseline with small CPU-friendly settings, and print "
                                       "test HR/NDCG@5/10/20 beside the popularity ranking. Demo settings: "
                                       + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + ".")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs for both models (default: "
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="epochs for both models (default: "
                       f"{DEMO_DEFAULTS['epochs']} DiffRec, {DEMO_SASREC_EPOCHS} SASRec)")
     demo.add_argument("--seed", type=int, default=42, help="training seed")
     demo.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--out", default=None, help="keep the two runs (checkpoints, logs) under this directory")
-    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch output or progress bars")
     demo.set_defaults(func=cmd_demo)
@@ -544,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train, required=True)
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
@@ -576,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(recommend, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(recommend)
     recommend.set_defaults(func=cmd_recommend)
+    from . import bench_inference, serve
+
+    serve.add_cli(sub)
+    bench_inference.add_cli(sub)
     return parser
 
 
@@ -591,6 +625,9 @@ def main(argv=None) -> int:
     except CLIError as error:
         print(f"diffrec {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file or directory that cannot be read or written: no traceback
+        print(f"diffrec {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"diffrec {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -151,6 +151,8 @@ class _Column:
 def _value_problem(value: str, column: _Column) -> str | None:
     if column.kind == "int" and not _INTEGER.fullmatch(value):
         return f"non-numeric {column.label} {value!r}" if value else f"empty {column.label}"
+    if column.kind == "int" and abs(int(value)) >= 2**63:
+        return f"{column.label} {value} does not fit in 64 bits"
     if column.kind == "float":
         try:
             number = float(value)
@@ -251,7 +253,7 @@ def read_sequence_file(path) -> pd.DataFrame:
     gzipped). The timestamp column is the item's position in its line (0-based)."""
     path = Path(path)
     raw = _load_text_bytes(path)
-    if any(byte in raw for byte in (b"\t", b"\x0b", b"\x0c")):
+    if any(byte in raw for byte in (b"\t", b"\x0b", b"\x0c", b"\x00")) or raw.count(b"\r") != raw.count(b"\r\n"):
         _raise_first_bad_sequence_line(path, raw)
     try:
         values = np.array(raw.split()).astype(np.int64)
@@ -278,6 +280,9 @@ def _raise_first_bad_sequence_line(path: Path, raw: bytes) -> None:
     first_line_of_user: dict[int, int] = {}
     for number, line in enumerate(io.BytesIO(raw), start=1):
         text = _decode_line(path, line, number)
+        if "\r" in text:
+            raise DataFormatError(path, "carriage return (\\r) inside the line: lines must end in \\n or \\r\\n "
+                                        "(old Mac line endings?)", number)
         if any(char in text for char in "\t\x0b\x0c"):
             raise DataFormatError(path, "wrong delimiter: found a tab; fields must be separated by spaces", number)
         fields = text.split()
@@ -403,7 +408,7 @@ def _table_from_columns(path: Path, fmt: str, frame: pd.DataFrame, user_col, ite
             row = int(np.flatnonzero(bad)[0])
             value = column.iloc[row]
             expected = "a number or ISO date" if name == time_col else "a number"
-            what = "missing" if pd.isna(value) else f"not {expected}: {value!r}"
+            what = "missing" if pd.isna(value) else f"not {expected}: {str(value)!r}"
             line = line_of_row(row) if line_of_row else None
             where = "" if line else f"row {row + 1}: "
             raise DataFormatError(path, f"{where}column {name!r} is {what}", line)

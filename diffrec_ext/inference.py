@@ -108,21 +108,63 @@ def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "al
     return h.reshape(batch, seeds, dim)
 
 
+def _dense_id(value, row: int, position: int, num_items: int) -> int:
+    """One dense item id of a history list, checked: an integer in [0, num_items] (0 = padding)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or (isinstance(value, (float, np.floating)) and not float(value).is_integer()):
+        raise ValueError(f"histories[{row}][{position}] = {value!r} is not an integer item id")
+    item = int(value)
+    if not 0 <= item <= num_items:
+        raise ValueError(f"histories[{row}][{position}] = {item} is out of range: dense item ids lie in "
+                         f"[1, {num_items}] (0 = padding)")
+    return item
+
+
+def _check_history_tensor(history: torch.Tensor, num_items: int) -> None:
+    if history.dim() != 2:
+        raise ValueError(f"histories must be a [B, H] tensor of item ids, got shape {tuple(history.shape)}")
+    if history.dtype.is_floating_point or history.dtype.is_complex or history.dtype == torch.bool:
+        raise ValueError(f"histories must hold integer item ids, got dtype {history.dtype}")
+    if history.numel():
+        bad = (history < 0) | (history > num_items)
+        if bad.any():
+            row, position = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"histories[{row}][{position}] = {int(history[row, position])} is out of range: "
+                             f"dense item ids lie in [1, {num_items}] (0 = padding)")
+
+
 def inference_input(model: DSR, histories: Sequence[Sequence[int]] | torch.Tensor, device=None) -> torch.Tensor:
-    """[B, T] inputs from histories: dense-id lists (oldest first) or a left-padded [B, H] tensor."""
+    """[B, T] inputs from histories: dense-id lists (oldest first) or a left-padded [B, H] tensor.
+    Histories longer than T - 1 keep their most recent T - 1 items; an empty one is all padding."""
     if isinstance(histories, torch.Tensor):
+        _check_history_tensor(histories, model.num_items)
         history = histories.to(device=device, dtype=torch.int64)
     else:
         keep = model.max_len - 1
         history = torch.zeros(len(histories), keep, dtype=torch.int64)
         for row, items in enumerate(histories):
-            items = [int(i) for i in items][-keep:]
+            items = [_dense_id(i, row, position, model.num_items) for position, i in enumerate(items)][-keep:]
             if items:
                 history[row, keep - len(items):] = torch.tensor(items, dtype=torch.int64)
         history = history.to(device)
-    if history.numel() and (history.min() < 0 or history.max() > model.num_items):
-        raise ValueError(f"history item ids must be in [0, {model.num_items}] (0 = padding)")
     return model.build_input(history)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check_finite(finite_rows: torch.Tensor, start: int, what: str = "predicts") -> None:
+    """The ops do not check for NaN/Inf (see docs/reliability.md): a non-finite prediction gives NaN
+    scores, and seed_target_rank would rank the target first. `finite_rows` [B] bool comes from the
+    [B, S, d] predictions (or [B, k] scores); read after the batch's results, so no extra sync."""
+    finite_rows = finite_rows.cpu()
+    if not bool(finite_rows.all()):
+        rows = (torch.nonzero(~finite_rows)[:, 0] + start).tolist()
+        if what == "predicts":
+            raise FloatingPointError(f"the model predicts NaN/Inf for histories {rows[:10]}: check its weights")
+        raise FloatingPointError(f"the model's scores are NaN/Inf for histories {rows[:10]}: check its output layer")
 
 
 def exclusion(histories: Sequence[Sequence[int]] | None, batch: int, exclude_seen: bool, device=None):
@@ -134,10 +176,13 @@ def exclusion(histories: Sequence[Sequence[int]] | None, batch: int, exclude_see
     return ops.exclusion_csr(lists, device=device)
 
 
-def _history_lists(histories) -> list[list[int]]:
+def _history_lists(histories, num_items: int | None = None) -> list[list[int]]:
     if isinstance(histories, torch.Tensor):
         return [[int(i) for i in row if int(i) > 0] for row in histories.cpu()]
-    return [[int(i) for i in row if int(i) > 0] for row in histories]
+    if num_items is None:
+        return [[int(i) for i in row if int(i) > 0] for row in histories]
+    return [[item for position, value in enumerate(row) if (item := _dense_id(value, index, position, num_items)) > 0]
+            for index, row in enumerate(histories)]
 
 
 @torch.no_grad()
@@ -147,7 +192,10 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
     (ids [B, k] int64, scores [B, k] float32), on the CPU."""
     if not isinstance(k, int) or not 1 <= k <= model.num_items:
         raise ValueError(f"k must be an int in [1, num_items = {model.num_items}], got {k!r}")
-    lists = _history_lists(histories)
+    _check_batch_size(batch_size)
+    if isinstance(histories, torch.Tensor):
+        _check_history_tensor(histories, model.num_items)
+    lists = _history_lists(histories, model.num_items)
     if exclude_seen:
         available = [model.num_items - len(set(items)) for items in lists]
         if available and min(available) < k:
@@ -160,10 +208,13 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
         chunk = lists[start:start + batch_size]
         ids = inference_input(model, chunk, device)
         hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        finite = torch.isfinite(hidden).flatten(1).all(1)
         offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
         scores, items = ops.seed_topk(hidden, model.out.weight, model.out.bias, k, offsets, excluded)
         all_ids.append(items.cpu())
         all_scores.append(scores.float().cpu())
+        _check_finite(finite, start)
+        _check_finite(torch.isfinite(all_scores[-1]).all(1), start, "scores")  # a NaN/Inf output layer
     if not all_ids:
         return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
     return torch.cat(all_ids), torch.cat(all_scores)
@@ -184,17 +235,41 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
     count = targets.shape[0]
     if len(histories) != count:
         raise ValueError(f"{len(histories)} histories for {count} targets")
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be 1-D, got shape {tuple(targets.shape)}")
     if count and (targets.min() < 1 or targets.max() > model.num_items):
-        raise ValueError(f"targets must be item ids in [1, {model.num_items}]")
+        row = int(((targets < 1) | (targets > model.num_items)).nonzero()[0, 0])
+        raise ValueError(f"targets[{row}] = {int(targets[row])} is out of range: targets must be item ids in "
+                         f"[1, {model.num_items}]")
     if (seen_offsets is None) != (seen_items is None):
         raise ValueError("give both seen_offsets and seen_items, or neither")
+    _check_batch_size(batch_size)
     if seen_offsets is not None:
         seen_offsets = torch.as_tensor(seen_offsets, dtype=torch.int64)
         seen_items = torch.as_tensor(seen_items, dtype=torch.int64)
         if seen_offsets.shape != (count + 1,):
             raise ValueError(f"seen_offsets must have {count + 1} entries, got {tuple(seen_offsets.shape)}")
+        if seen_items.dim() != 1:
+            raise ValueError(f"seen_items must be 1-D, got shape {tuple(seen_items.shape)}")
+        if int(seen_offsets[0]) != 0 or int(seen_offsets[-1]) != len(seen_items) \
+                or bool((seen_offsets[1:] < seen_offsets[:-1]).any()):
+            shown = f"{seen_offsets[:6].tolist()}{' ...' if count > 5 else ''}"
+            raise ValueError(f"seen_offsets must rise from 0 to len(seen_items) = {len(seen_items)}, got {shown} "
+                             f"ending at {int(seen_offsets[-1])}")
+        bad = (seen_items < 1) | (seen_items > model.num_items)
+        if bad.any():
+            position = int(bad.nonzero()[0, 0])
+            raise ValueError(f"seen_items[{position}] = {int(seen_items[position])} is out of range: seen items "
+                             f"must be item ids in [1, {model.num_items}]")
     if isinstance(histories, np.ndarray):
         histories = torch.from_numpy(histories)
+    if isinstance(histories, torch.Tensor):
+        _check_history_tensor(histories, model.num_items)
+    else:
+        _history_lists(histories, model.num_items)  # checks every id, naming its row and position
+    for name, tensor in (("weight", model.out.weight), ("bias", model.out.bias)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(f"the model's output {name} holds NaN/Inf: ranks would be meaningless")
     model.eval()
     device = model.out.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -209,6 +284,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         hist = histories[start:stop]
         ids = inference_input(model, hist, device)
         hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        finite = torch.isfinite(hidden).flatten(1).all(1)
         if exclude_seen and seen_offsets is not None:
             lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])
             offsets = seen_offsets[start:stop + 1] - lo
@@ -223,11 +299,12 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
             csr_ids[body] = seen_items[lo:hi]
             offsets, excluded = csr_offsets.to(device), csr_ids.to(device)
         else:
-            lists = _history_lists(hist) if exclude_seen else None
+            lists = _history_lists(hist, model.num_items) if exclude_seen else None
             offsets, excluded = exclusion(lists, stop - start, exclude_seen, device)
         rank = ops.seed_target_rank(hidden, model.out.weight, model.out.bias,
                                     targets[start:stop].to(device), offsets, excluded)
         ranks.append(rank.cpu())
+        _check_finite(finite, start)
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
 
 

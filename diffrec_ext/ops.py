@@ -25,39 +25,58 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return reference.acc_dtype(dtype)
 
 
+def _same_device(ref_name: str, reference: torch.Tensor, **others) -> None:
+    """The device check of csrc/checks.cpp, with its message, for the fake (meta) kernels: a call
+    that mixes a meta tensor with real ones dispatches to the fake kernel, which would otherwise
+    return uninitialised memory on the real tensors' device instead of an error."""
+    for name, tensor in others.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device != reference.device:
+            raise RuntimeError(f"{name} is on {tensor.device} but {ref_name} is on {reference.device}")
+
+
 if HAVE_EXTENSION:
     _ops = torch.ops.diffrec_ext
 
     @torch.library.register_fake("diffrec_ext::denoiser_input")
     def _(item_emb, pos_emb, steps, sqrt_abar, sqrt_one_minus_abar, noise, padding_mask,
           noised_positions, add_position, add_step):
+        _same_device("item_emb", item_emb, pos_emb=pos_emb, steps=steps, sqrt_abar=sqrt_abar,
+                     sqrt_one_minus_abar=sqrt_one_minus_abar, noise=noise, padding_mask=padding_mask)
         return torch.empty_like(item_emb, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("diffrec_ext::denoiser_input_backward")
     def _(grad_out, steps, sqrt_abar, padding_mask, noised_positions, add_position):
+        _same_device("grad_out", grad_out, steps=steps, sqrt_abar=sqrt_abar, padding_mask=padding_mask)
         grad_item = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
         return grad_item, grad_out.new_empty(grad_out.shape[1:])
 
     @torch.library.register_fake("diffrec_ext::seed_avg_probs")
     def _(hidden, weight, bias, lse=None):
+        _same_device("hidden", hidden, weight=weight, bias=bias, lse=lse)
         return hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=_acc(hidden.dtype))
 
     @torch.library.register_fake("diffrec_ext::seed_topk")
     def _(hidden, weight, bias, k, exclude_offsets, exclude_ids, lse=None):
+        _same_device("hidden", hidden, weight=weight, bias=bias, exclude_offsets=exclude_offsets,
+                     exclude_ids=exclude_ids, lse=lse)
         values = hidden.new_empty((hidden.shape[0], k), dtype=_acc(hidden.dtype))
         return values, hidden.new_empty((hidden.shape[0], k), dtype=torch.int64)
 
     @torch.library.register_fake("diffrec_ext::seed_target_rank")
     def _(hidden, weight, bias, targets, exclude_offsets, exclude_ids, lse=None):
+        _same_device("hidden", hidden, weight=weight, bias=bias, targets=targets,
+                     exclude_offsets=exclude_offsets, exclude_ids=exclude_ids, lse=lse)
         return hidden.new_empty((hidden.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("diffrec_ext::catalog_xent")
     def _(hidden, weight, bias, targets):
+        _same_device("hidden", hidden, weight=weight, bias=bias, targets=targets)
         acc = _acc(hidden.dtype)
         return hidden.new_empty((hidden.shape[0],), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
 
     @torch.library.register_fake("diffrec_ext::catalog_xent_backward")
     def _(grad_loss, hidden, weight, bias, targets, lse):
+        _same_device("hidden", hidden, grad_loss=grad_loss, weight=weight, bias=bias, targets=targets, lse=lse)
         return (
             torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
