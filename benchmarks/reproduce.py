@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout: use its diffrec_ext, not another installed copy
@@ -180,6 +180,7 @@ class Budget:
         self.curve.append({"epoch": record["epoch"], "valid_NDCG@10": round(record["valid"]["NDCG@10"], 5),
                            "valid_HR@10": round(record["valid"]["HR@10"], 5),
                            "loss": round(record.get("loss", float("nan")), 5), "seconds": record["seconds"],
+                           "train_seconds": record.get("train_seconds"),
                            "item_emb_cos": round(record["item_emb_cos"], 4)})
         if self.seconds is None:
             return False
@@ -392,7 +393,7 @@ def markdown(report: dict) -> str:
                          f"{r['seconds']:.0f} | {r['valid']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} | "
                          f"{r['test']['NDCG@10']:.4f} |")
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s["common"].items()) + ".",
-              f"DiffRec: " + ", ".join(f"{k}={v}" for k, v in s["diffrec"].items()) + ".",
+              "DiffRec: " + ", ".join(f"{k}={v}" for k, v in s["diffrec"].items()) + ".",
               f"Training sequences: {s['training_sequences']}.",
               f"Budget: {s['budget']}.",
               f"Device: {env['device']}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, torch {env['torch']}, "
@@ -439,6 +440,23 @@ def describe_sequences(mode: str, samples_per_epoch: int) -> str:
 # main table
 
 
+def warm_up(args, data: Data) -> None:
+    """On CUDA: one short epoch of each model on a tiny synthetic dataset, so that the first timed
+    run does not pay for CUDA, cuBLAS and autocast initialisation."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        return
+    from diffrec_ext.synthetic import synthetic_dataset
+
+    started = time.perf_counter()
+    tiny = Data("warm-up", "synthetic", synthetic_dataset(num_users=300, num_items=100), data.preset, 0.0)
+    for kind in ("diffrec", "sasrec"):
+        config = make_config(tiny, kind, 0, args, epochs=1, seeds=2)
+        train(config, tiny.dataset, None, progress=False, log=None, bf16=args.bf16)
+    torch.cuda.synchronize()
+    log(f"warm-up on {device}: {time.perf_counter() - started:.1f}s")
+
+
 def run_main(args, datas: list[Data]) -> list[dict]:
     env = environment(args)
     scales = args.input_scale or [1.0]
@@ -452,6 +470,7 @@ def run_main(args, datas: list[Data]) -> list[dict]:
             plans.append((data, "diffrec", seed, "chosen"))
             plans.append((data, "sasrec", seed, None))
     max_len = args.max_len or PAPER_CONFIG["max_len"]
+    warm_up(args, datas[0])
     planner = Planner(None if args.total_minutes is None else args.total_minutes * 60,
                       None if args.max_minutes is None else args.max_minutes * 60,
                       [run_weight(kind, data, args.mode, max_len) for data, kind, _, _ in plans])
@@ -606,6 +625,7 @@ def run_analyses(args, data: Data) -> list[Path]:
     names.sort(key=lambda n: n not in ("seeds", "figure6"))  # the default model first: seeds and figure6 use it
     # plan the unique training runs, then share the budget over them
     base_config = make_config(data, "diffrec", seed, args, input_scale=scale)
+    warm_up(args, data)
     planned: list[tuple[str, str, TrainConfig]] = []
     seen = set()
 
@@ -629,18 +649,32 @@ def run_analyses(args, data: Data) -> list[Path]:
     cache = ModelCache()
     need_model = {"seeds", "figure6"} & set(names)
 
+    # Variants are compared at equal epochs: the first run of each training mode runs under its time
+    # share, and its epoch count is then fixed for the later runs of that mode (with twice the share
+    # as a safety limit), so that a run slowed by something else is not a worse variant.
+    fixed_epochs: dict[str, int] = {}
+
     def trained(config) -> dict:
         found = cache.get(config)
         if found is None:
             keep = need_model and ModelCache.key(config) == ModelCache.key(base_config)
-            found = run_model(data, config, planner.next_budget(), args.bf16, args.quiet, keep_model=bool(keep))
+            budget = planner.next_budget()
+            run_config = config
+            if config.mode in fixed_epochs:
+                run_config = config.replace(epochs=min(config.epochs, fixed_epochs[config.mode]))
+                budget = None if budget is None else 2 * budget
+            found = run_model(data, run_config, budget, args.bf16, args.quiet, keep_model=bool(keep))
+            fixed_epochs.setdefault(config.mode, found["epochs_run"])
             planner.finished(found)
             cache.put(config, found)
         return found
 
     written = []
     common = {"dataset": data.describe(), "environment": env, "label": run_label(env), "training_seed": seed,
-              "input_scale": scale}
+              "input_scale": scale, "epochs_per_mode": fixed_epochs,
+              "popularity": {split: popularity_metrics(data.dataset, split, True) for split in ("valid", "test")},
+              "budget": budget_text(args, len(planned), 1) + "; variants compared at the epoch count of the "
+                        "first run of their training mode"}
     if need_model:
         if args.checkpoint:
             from diffrec_ext.checkpoint import load_model
@@ -827,11 +861,12 @@ def plot_analysis(report: dict, png_path) -> Path | None:
                 ys = [r[split][metric] for r in report["rows"]]
                 err = [r[split + "_std"][metric] for r in report["rows"]] if (split + "_std") in report["rows"][0] else None
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=split)
+            _popularity_line(ax, report, metric, report["splits"])
             ax.set_xlabel("number of inference seeds S")
             ax.set_ylabel(metric)
             ax.set_xticks(xs)
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.suptitle(title, fontsize=9)
     else:
         variants = report["variants"]
@@ -859,14 +894,14 @@ def plot_analysis(report: dict, png_path) -> Path | None:
                 ax.set_xticks(xs)
                 ax.set_xticklabels([str(x) for x in xs], rotation=45)
                 ax.set_xlabel("diffusion steps N")
-                ax.legend()
             else:
                 x = np.arange(len(labels))
                 ax.bar(x - 0.2, [v["test"][metric] for v in variants], 0.4, label="test")
                 ax.bar(x + 0.2, [v["valid"][metric] for v in variants], 0.4, label="valid", alpha=0.6)
                 ax.set_xticks(x)
                 ax.set_xticklabels(labels, rotation=20, fontsize=8)
-                ax.legend(fontsize=8)
+            _popularity_line(ax, report, metric)
+            ax.legend(fontsize=7, loc="best")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3, axis="y")
         fig.suptitle(title, fontsize=9)
@@ -875,6 +910,14 @@ def plot_analysis(report: dict, png_path) -> Path | None:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def _popularity_line(ax, report, metric, splits=("test",)):
+    """A dashed line at the popularity ranking's score (the collapse reference), when recorded."""
+    for split in splits:
+        value = report.get("popularity", {}).get(split, {}).get(metric)
+        if value is not None:
+            ax.axhline(value, ls="--", lw=1, color="0.3" if split == "test" else "0.6", label=f"popularity ({split})")
 
 
 def _plot_figure6(plt, report):

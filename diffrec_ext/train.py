@@ -38,6 +38,7 @@ RNG states are restored).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -241,16 +242,28 @@ def dataset_fingerprint(dataset: SequenceDataset) -> dict[str, Any]:
 # Evaluation
 
 
+def autocast_context(device, bf16: bool):
+    """bf16 autocast of the forward passes on CUDA (the encoder's matmuls and attention; LayerNorm
+    outputs, and so f_theta, stay float32, so the fused ops see float32); a no-op on the CPU or when
+    bf16 is False."""
+    device = torch.device(device)
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seeds: int = 10,
              method: str = "alg3", exclude_seen: bool = True, seed: int = 0, stride: int = 1,
-             batch_size: int = 256, ks=KS, progress: bool = False) -> dict[str, float]:
-    """HR@K / NDCG@K of full ranking on a leave-one-out split, averaged over users."""
+             batch_size: int = 256, ks=KS, progress: bool = False, bf16: bool = False) -> dict[str, float]:
+    """HR@K / NDCG@K of full ranking on a leave-one-out split, averaged over users. `bf16`: autocast
+    the forward passes on CUDA (autocast_context)."""
     batch = evaluation_batch(dataset, split, model.max_len - 1)
-    ranks = target_ranks(
-        model, torch.from_numpy(batch.histories), torch.from_numpy(batch.targets), exclude_seen=exclude_seen,
-        seeds=seeds, method=method, seed=seed, stride=stride, batch_size=batch_size,
-        seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
-    )
+    with autocast_context(model.out.weight.device, bf16):
+        ranks = target_ranks(
+            model, torch.from_numpy(batch.histories), torch.from_numpy(batch.targets), exclude_seen=exclude_seen,
+            seeds=seeds, method=method, seed=seed, stride=stride, batch_size=batch_size,
+            seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
+        )
     return ranking_metrics(ranks, ks)
 
 
@@ -368,13 +381,16 @@ def _restore_rng(tensors, step_gen, noise_gen, order_gen, device):
 
 def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None,
-          log: Callable[[str], None] | None = print, extra_meta: dict | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, extra_meta: dict | None = None,
+          bf16: bool = False) -> dict[str, Any]:
     """Alg. 1 with validation after each epoch; returns {"valid", "test", "popularity", ...}.
 
     `out_dir` (optional) receives epoch checkpoints, best.json / last.json pointers, log.jsonl and
     result.json. `resume` continues the run found in out_dir. `callback(record)` is called after
-    each epoch (after its checkpoint is written). `extra_meta` is stored in the checkpoints
-    (e.g. how the dataset was read)."""
+    each epoch (after its checkpoint is written); if it returns True, training stops after that
+    epoch (e.g. a time budget) and the best checkpoint is tested as usual. `extra_meta` is stored in
+    the checkpoints (e.g. how the dataset was read). `bf16`: autocast the forward passes (training
+    and evaluation) to bf16 on CUDA; no effect on the CPU."""
     config.validate()
     log = log or (lambda message: None)
     device = resolve_device(config.device)
@@ -410,12 +426,24 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
                 raise ConfigError(f"cannot resume {out_dir}: it was trained on a different dataset "
                                   f"({saved_fp} vs {fingerprint})")
             ckpt.load_weights(model, directory / ckpt.MODEL_FILE)
-            ckpt.optimizer_from_parts(optimizer, tensors, scalars["optimizer"])
-            if sampler is not None:
-                sampler.load_state_dict({"loss_history": tensors["sampler.loss_history"],
-                                         "counts": tensors["sampler.counts"]})
-            _restore_rng(tensors, step_gen, noise_gen, order_gen, device)
-            state = TrainState(**scalars["train_state"])
+            needed = ["rng.torch", "rng.steps", "rng.noise", "rng.order"]
+            needed += ["sampler.loss_history", "sampler.counts"] if sampler is not None else []
+            missing = [name for name in needed if name not in tensors]
+            missing += [name for name in ("optimizer", "train_state")
+                        if not isinstance(scalars, dict) or name not in scalars]
+            if missing:
+                raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state lacks {missing}")
+            try:
+                ckpt.optimizer_from_parts(optimizer, tensors, scalars["optimizer"])
+                if sampler is not None:
+                    sampler.load_state_dict({"loss_history": tensors["sampler.loss_history"],
+                                             "counts": tensors["sampler.counts"]})
+                _restore_rng(tensors, step_gen, noise_gen, order_gen, device)
+                state = TrainState(**scalars["train_state"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state does not fit "
+                                           f"this model and config ({type(error).__name__}: {error})") from None
+            ckpt.remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
             log(f"resuming {out_dir} after epoch {state.epoch} (best valid NDCG@10 "
                 f"{state.best_metric:.4f} at epoch {state.best_epoch})")
             if out_dir is not None:  # the log is rebuilt from the checkpoint's records
@@ -439,7 +467,7 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
 
     item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
     eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,
-                        seed=config.seed, batch_size=config.eval_batch_size)
+                        seed=config.seed, batch_size=config.eval_batch_size, bf16=bf16)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if state.stopped_early:
@@ -460,7 +488,8 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         totals: dict[str, float] = {}
         for index, first in enumerate(batches, start=1):
             batch = train_rows.batch(order[first:first + config.batch_size])
-            loss, parts = _loss(model, batch, config, sampler, step_gen, noise_gen, device)
+            with autocast_context(device, bf16):
+                loss, parts = _loss(model, batch, config, sampler, step_gen, noise_gen, device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {parts} at epoch {epoch}, batch {index}")
             optimizer.zero_grad(set_to_none=True)
@@ -512,8 +541,9 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         log(f"epoch {epoch:3d}  {loss_text}  valid HR@10 {valid['HR@10']:.4f} NDCG@10 {ndcg:.4f}"
             f"{' *' if improved else ''}  |E| {record['item_emb_norm']:.2f} cos {record['item_emb_cos']:.3f}"
             f"  {record['seconds']:.1f}s")
-        if callback is not None:
-            callback(record)
+        if callback is not None and callback(record) is True:
+            log(f"stopped by the callback after epoch {epoch}")
+            break
         if state.stopped_early:
             log(f"early stop: no better valid NDCG@10 for {config.patience} epochs")
             break

@@ -40,7 +40,7 @@ elapsed() { echo $(( $(date +%s) - started )); }
 } >> "$LOG" 2>&1
 
 begin=$(date +%s)
-[ -n "${REPRODUCE_SKIP_BUILD:-}" ] && echo "build skipped (REPRODUCE_SKIP_BUILD)" | tee -a "$LOG" || \
+[ -n "${REPRODUCE_SKIP_BUILD:-}" ] && echo "build skipped (REPRODUCE_SKIP_BUILD)" | tee -a "$LOG" "$OUT/build.log" || \
 timeout --kill-after=10 300 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DIFFREC_EXT_CUDA=1 \
   python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 echo "stage build: rc=$? ($(( $(date +%s) - begin ))s)" | tee -a "$LOG"
