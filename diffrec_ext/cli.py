@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -33,25 +32,23 @@ class CLIError(Exception):
     """A user error: printed as `diffrec <command>: error: ...`, exit status 2."""
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse names the flag in its error message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, meaning: str):
+    """argparse type: an int >= minimum (argparse names the flag in its error message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,7 +446,7 @@ def read_titles(path) -> dict:
 
     if path.suffix.lower() == ".csv":
         reader = csv.reader(text.splitlines())
-        header = next(reader, None)
+        next(reader, None)  # the header row
         for row in reader:
             if len(row) >= 2:
                 titles[key(row[0])] = row[1]

@@ -6,6 +6,7 @@ from pathlib import Path
 os.environ.setdefault("DIFFREC_EXT_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +27,30 @@ def shared_file(relative: str) -> Path:
         pytest.skip(f"needs shared data file {relative}: set DIFFREC_DATA to the folder holding "
                     "beauty/ and ml-1m/, or place it at ../shared/data")
     return folder / relative
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and batches: with several intra-op threads on a busy machine each small op waits
+    for a descheduled thread (one thread is up to ~50x faster there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_dataset(users=50, items=20, seed=0):
+    """A small dataset with a strong next-item structure (each item is mostly followed by the next)."""
+    import numpy as np
+    import pandas as pd
+
+    from diffrec_ext.data import preprocess
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(users):
+        item = int(rng.integers(1, items + 1))
+        for t in range(int(rng.integers(4, 10))):
+            rows.append((user, item, t))
+            item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
+    return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)

@@ -19,14 +19,7 @@ TINY = dict(num_items=40, max_len=9, dim=16, layers=2, heads=2, dropout=0.0, num
 HISTORIES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [], [7], [3, 3, 9, 1, 2]]  # one longer than T - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: with several OpenMP threads on a busy machine every small op waits for a
-    descheduled thread (measured: 10 s instead of 0.02 s for one tiny Alg. 2 call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed=0, **overrides):

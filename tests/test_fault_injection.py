@@ -27,41 +27,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_dataset
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import cli
-from diffrec_ext.data import preprocess
 from diffrec_ext.inference import Recommender
 from diffrec_ext.synthetic import write_synthetic
 from diffrec_ext.train import TrainConfig, build_model, evaluate, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 train_module = sys.modules["diffrec_ext.train"]  # the package exports a function of the same name
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, dropout=0.1, device="cpu")
-
-
-def tiny_dataset(users=50, items=20, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for user in range(users):
-        item = int(rng.integers(1, items + 1))
-        for t in range(int(rng.integers(4, 10))):
-            rows.append((user, item, t))
-            item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
-    return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is ~50x faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

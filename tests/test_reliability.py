@@ -41,6 +41,7 @@ from diffrec_ext.schedules import NoiseSchedule
 from diffrec_ext.synthetic import write_synthetic
 from diffrec_ext.train import ConfigError, TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs" / "reliability.md"
 C = torch.ops.diffrec_ext if ops.HAVE_EXTENSION else None
@@ -108,15 +109,6 @@ def build_context(base: Path) -> Context:
     run = base / "run"
     run_cli("train", "--data", data, "--out", run, *TINY_FLAGS)
     return Context(base, data, run)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is ~50x faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ ITEM_IDS = [1000 + i for i in range(NUM_ITEMS - 5)] + [f"sku-{i}" for i in range
 WINDOW = 8  # max_len 9: the model reads the 8 most recent items
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: with several OpenMP threads on a busy machine each small op waits for a
-    descheduled thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

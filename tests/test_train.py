@@ -3,27 +3,17 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from conftest import tiny_dataset
 from diffrec_ext import checkpoint as ckpt
-from diffrec_ext.data import preprocess
 from diffrec_ext.train import ConfigError, TrainConfig, _loss, build_model, train
 
 TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, epochs=2,
             dropout=0.1, device="cpu")
 
 
-def tiny_dataset(users=50, items=20, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for user in range(users):
-        item = int(rng.integers(1, items + 1))
-        for t in range(int(rng.integers(4, 10))):
-            rows.append((user, item, t))
-            item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
-    return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)
 
 
 @pytest.fixture(scope="module")
