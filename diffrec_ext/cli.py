@@ -339,6 +339,8 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
+
     import torch
 
     from .checkpoint import CheckpointError
@@ -347,22 +349,39 @@ def cmd_train(args) -> int:
     config = _config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = _data_spec(args)
-    dataset = _load_dataset(spec)
-    print(_stats_line(dataset))
-    for note in dataset.notes:
-        print(f"  {note}")
-    out = Path(args.out)
+    group_started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: data-parallel training
+        import torch.distributed as dist
+
+        from .distributed import init_process_group_from_env
+
+        group_started = not dist.is_initialized()
+        context = init_process_group_from_env()
+        lead = context.rank == 0
+    else:
+        lead = True
+    say = print if lead else (lambda *parts, **options: None)
     try:
-        result = train(config, dataset, out, resume=args.resume, progress=not args.quiet, log=print,
-                       extra_meta={"data": spec})
-    except (ConfigError, CheckpointError) as error:
-        raise CLIError(str(error)) from None
-    print()
-    _print_table({"popularity": result["popularity"]["valid"], config.kind: result["valid"] or {}},
-                 f"valid split (best epoch {result['best_epoch']})")
-    _print_table({"popularity": result["popularity"]["test"], config.kind: result["test"]}, "test split")
-    print(f"checkpoint: {out} (best.json -> epoch {result['best_epoch']}); log: {out / 'log.jsonl'}")
+        spec = _data_spec(args)
+        dataset = _load_dataset(spec)
+        say(_stats_line(dataset))
+        for note in dataset.notes:
+            say(f"  {note}")
+        out = Path(args.out)
+        try:
+            result = train(config, dataset, out, resume=args.resume, progress=not args.quiet and lead, log=say,
+                           extra_meta={"data": spec})
+        except (ConfigError, CheckpointError) as error:
+            raise CLIError(str(error)) from None
+    finally:
+        if group_started:
+            dist.destroy_process_group()
+    if lead:
+        print()
+        _print_table({"popularity": result["popularity"]["valid"], config.kind: result["valid"] or {}},
+                     f"valid split (best epoch {result['best_epoch']})")
+        _print_table({"popularity": result["popularity"]["test"], config.kind: result["test"]}, "test split")
+        print(f"checkpoint: {out} (best.json -> epoch {result['best_epoch']}); log: {out / 'log.jsonl'}")
     return 0
 
 
@@ -567,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Alg. 1: Adam, validation NDCG@10 after every epoch, the best checkpoint "
                                        "tested at the end. Writes epoch checkpoints (safetensors + JSON), "
                                        "best.json/last.json pointers, log.jsonl (one line per epoch) and "
-                                       "result.json into --out; --resume continues an interrupted run.")
+                                       "result.json into --out; --resume continues an interrupted run. Under "
+                                       "torchrun (`torchrun --nproc_per_node=P -m diffrec_ext train ...`) it "
+                                       "trains data-parallel: --batch-size is the combined batch of the P "
+                                       "processes, rank 0 writes --out.")
     _add_data_args(train, required=True)
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")

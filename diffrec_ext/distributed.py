@@ -47,6 +47,7 @@ __all__ = [
     "DistributedContext",
     "ShardingError",
     "init_process_group_from_env",
+    "rank_and_world_size",
     "shard_catalog",
     "shard_range",
     "sharded_catalog_xent",
@@ -159,6 +160,13 @@ def init_process_group_from_env(backend: str | None = None,
             kwargs["device_id"] = device  # binds the communicator to this GPU up front
         dist.init_process_group(**kwargs)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of this process in the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _rank_and_size(group) -> tuple[int, int]:

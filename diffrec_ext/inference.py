@@ -223,9 +223,15 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
 @torch.no_grad()
 def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seeds: int = 10,
                  method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256,
-                 seen_offsets=None, seen_items=None, progress: bool = False) -> np.ndarray:
+                 seen_offsets=None, seen_items=None, progress: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> np.ndarray:
     """0-based pessimistic rank of each target under full ranking (ops.seed_target_rank), [U] int64,
     without a [U, V] score matrix.
+
+    Users go in batches of `batch_size`; batch i draws its noise from a generator seeded with
+    `batch_seed(seed, i)`, so a batch's ranks do not depend on which batches were computed before
+    it. `shard = (r, P)` computes only the batches i with i % P == r (the ranks of those users, in
+    order; see `shard_users`), which is how evaluation is split over P processes.
 
     `histories`: left-padded [U, H] tensor or lists of dense ids; `targets` [U] dense ids. With
     exclude_seen, each user's seen items leave the ranking: the CSR `seen_offsets` [U + 1] /
@@ -270,11 +276,14 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
     for name, tensor in (("weight", model.out.weight), ("bias", model.out.bias)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise FloatingPointError(f"the model's output {name} holds NaN/Inf: ranks would be meaningless")
+    shard_rank, shard_count = shard
+    if not 0 <= shard_rank < shard_count:
+        raise ValueError(f"shard = {shard} must be (r, P) with 0 <= r < P")
     model.eval()
     device = model.out.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     ranks = []
-    starts = range(0, count, batch_size)
+    starts = range(shard_rank * batch_size, count, shard_count * batch_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -283,6 +292,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         stop = min(start + batch_size, count)
         hist = histories[start:stop]
         ids = inference_input(model, hist, device)
+        generator.manual_seed(batch_seed(seed, start // batch_size))
         hidden = predict_h0(model, ids, seeds, method, generator, stride)
         finite = torch.isfinite(hidden).flatten(1).all(1)
         if exclude_seen and seen_offsets is not None:
@@ -306,6 +316,20 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         ranks.append(rank.cpu())
         _check_finite(finite, start)
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The noise seed of batch `batch_index` of a `target_ranks` call with `seed` (distinct for
+    every (seed, batch) pair below a million batches)."""
+    return (seed * 1_000_003 + batch_index) % 2**63
+
+
+def shard_users(count: int, batch_size: int, shard: tuple[int, int]) -> np.ndarray:
+    """Positions [U_r] int64 of the users whose ranks `target_ranks(..., shard=shard)` returns."""
+    shard_rank, shard_count = shard
+    starts = range(shard_rank * batch_size, count, shard_count * batch_size)
+    return np.concatenate([np.arange(start, min(start + batch_size, count)) for start in starts] or
+                          [np.zeros(0, dtype=np.int64)])
 
 
 @dataclass

@@ -50,11 +50,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt
+from . import distributed as dd
 from . import ops
 from .data import SequenceDataset, evaluation_batch, item_popularity, training_sequences
-from .inference import METHODS, target_ranks
+from .inference import METHODS, shard_users, target_ranks
 from .metrics import KS, popularity_ranks, ranking_metrics
 from .model import DSR, MODEL_KINDS
 from .sampler import LossSecondMomentSampler
@@ -254,16 +259,31 @@ def autocast_context(device, bf16: bool):
 
 def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seeds: int = 10,
              method: str = "alg3", exclude_seen: bool = True, seed: int = 0, stride: int = 1,
-             batch_size: int = 256, ks=KS, progress: bool = False, bf16: bool = False) -> dict[str, float]:
+             batch_size: int = 256, ks=KS, progress: bool = False, bf16: bool = False,
+             sharded: bool = False) -> dict[str, float]:
     """HR@K / NDCG@K of full ranking on a leave-one-out split, averaged over users. `bf16`: autocast
-    the forward passes on CUDA (autocast_context)."""
+    the forward passes on CUDA (autocast_context).
+
+    `sharded`: split the users over the processes of the default torch.distributed group (rank r
+    ranks the user batches r, r + P, ...; collective: every rank must call it with the same
+    arguments). The ranks are summed into one [U] vector on every rank, so every rank returns the
+    metrics of the single-process call exactly (each batch draws the same noise either way)."""
     batch = evaluation_batch(dataset, split, model.max_len - 1)
-    with autocast_context(model.out.weight.device, bf16):
+    device = model.out.weight.device
+    rank, world_size = dd.rank_and_world_size() if sharded else (0, 1)
+    with autocast_context(device, bf16):
         ranks = target_ranks(
             model, torch.from_numpy(batch.histories), torch.from_numpy(batch.targets), exclude_seen=exclude_seen,
             seeds=seeds, method=method, seed=seed, stride=stride, batch_size=batch_size,
             seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
+            shard=(rank, world_size),
         )
+    if world_size > 1:
+        every_user = torch.zeros(len(batch), dtype=torch.int64)
+        every_user[shard_users(len(batch), batch_size, (rank, world_size))] = torch.from_numpy(ranks)
+        every_user = every_user.to(device)  # nccl reduces device tensors only
+        dist.all_reduce(every_user)  # each user's rank comes from one process, zeros elsewhere
+        ranks = every_user.cpu().numpy()
     return ranking_metrics(ranks, ks)
 
 
@@ -280,10 +300,6 @@ def popularity_metrics(dataset: SequenceDataset, split: str = "valid", exclude_s
 # Training
 
 
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class TrainState:
     epoch: int = 0  # last completed epoch
@@ -294,89 +310,276 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def _loss(model: DSR, batch: dict[str, torch.Tensor], config: TrainConfig, sampler, step_gen, noise_gen,
-          device) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class _Replicas:
+    """This process's place among the data-parallel processes of the default torch.distributed
+    group (rank 0 of 1 without one).
+
+    The combined batch of a step is the single-process batch: local row j of rank r is row
+    j * P + r of it (the layout of DistributedSampler, see `_epoch_rows`), so every draw made for
+    the combined batch (steps, noise) is sliced [r::P]."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, combined: torch.Tensor) -> torch.Tensor:
+        return combined[self.rank::self.size]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def from_lead(self, value):
+        """`value` of rank 0, on every rank (pickled; tensors should be on the CPU)."""
+        if self.size == 1:
+            return value
+        holder = [value if self.lead else None]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+
+class _TrainingLoss(nn.Module):
+    """The per-row losses of a batch in one forward: L_rec [R] and, for DiffRec, L_n [R], with
+    `row_of` [R] (the sequence of each supervised row; None in prefix mode, where row = sequence).
+    One module, so that DistributedDataParallel sees every use of the parameters (the item layer
+    and the MSE target are used outside DSR.forward)."""
+
+    def __init__(self, model: DSR, mode: str):
+        super().__init__()
+        self.model = model
+        self.mode = mode
+
+    def forward(self, history, target, steps, noise):
+        model = self.model
+        if self.mode == "prefix":
+            if model.diffusion:
+                f = model(model.build_input(history, target), steps, noise)
+            else:
+                f = model(model.build_input(history))
+            targets, row_of = target, None
+        else:  # user: window = the last T items of [history, target], every position with history supervised
+            window = torch.cat([history, target[:, None]], dim=1)[:, -model.max_len:]
+            supervised = torch.zeros_like(window, dtype=torch.bool)
+            supervised[:, 1:] = (window[:, 1:] != 0) & (window[:, :-1] != 0)
+            out = model.forward_two_stream(window, steps, noise) if model.diffusion else model.forward_two_stream(window)
+            f = out[supervised]
+            targets = window[supervised]
+            row_of = supervised.nonzero()[:, 0]
+        rec_rows = ops.catalog_xent(f, model.out.weight, model.out.bias, targets)[0]
+        l_n = None
+        if model.diffusion:
+            h0 = model.item_vectors(targets).detach()  # stop-gradient through the MSE target
+            l_n = (f - h0).pow(2).mean(dim=-1)  # averaged over d
+        return rec_rows, l_n, row_of
+
+
+def _train_step(loss_module, model: DSR, batch: dict[str, torch.Tensor], config: TrainConfig, sampler,
+                step_gen, noise_gen, device, replicas: _Replicas) -> tuple[torch.Tensor, dict[str, float]]:
+    """(this rank's loss to back-propagate, the combined batch's loss parts).
+
+    The loss is normalised by the number of supervised rows of the COMBINED batch and multiplied by
+    P, so that DistributedDataParallel's gradient average gives the gradient of the combined
+    batch's mean loss: the same update as one process on the combined batch. One all-reduce per
+    step carries the row count, the loss sums and the (step, L_n) of every sequence, which every
+    rank feeds to its importance sampler in the combined batch's order: the samplers stay identical
+    and so draw identical steps."""
     history = batch["history"].to(device)
     target = batch["target"].to(device)
-    size = history.shape[0]
-    weight, bias = model.out.weight, model.out.bias
-    num_steps = model.num_steps
-    steps = probs = None
+    local = history.shape[0]
+    combined = local * replicas.size
+    steps = importance = noise = None
     if model.diffusion:
+        num_steps = model.num_steps
         if sampler is not None:
-            steps, probs = sampler.sample(size, step_gen)
+            steps, probs = sampler.sample(combined, step_gen)
         else:
-            steps = torch.randint(1, num_steps + 1, (size,), generator=step_gen)
-            probs = torch.full((size,), 1.0 / num_steps, dtype=torch.float64)
-        importance = (1.0 / (num_steps * probs)).to(device=device, dtype=torch.float32)
-        steps = steps.to(device)
+            steps = torch.randint(1, num_steps + 1, (combined,), generator=step_gen)
+            probs = torch.full((combined,), 1.0 / num_steps, dtype=torch.float64)
+        importance = replicas.mine(1.0 / (num_steps * probs)).to(device=device, dtype=torch.float32)
+        steps = replicas.mine(steps).to(device)
+        noised = model.noised_positions if config.mode == "prefix" else model.max_len
+        noise = replicas.mine(torch.randn(combined, noised, model.dim, generator=noise_gen, device=device))
 
-    if config.mode == "prefix":
-        if model.diffusion:
-            ids = model.build_input(history, target)
-            noise = torch.randn(size, model.noised_positions, model.dim, generator=noise_gen, device=device)
-            f = model(ids, steps, noise)
-        else:
-            f = model(model.build_input(history))
-        targets, row_of = target, None
-    else:  # user: window = the last T items of [history, target], every position with history supervised
-        window = torch.cat([history, target[:, None]], dim=1)[:, -model.max_len:]
-        supervised = torch.zeros_like(window, dtype=torch.bool)
-        supervised[:, 1:] = (window[:, 1:] != 0) & (window[:, :-1] != 0)
-        if model.diffusion:
-            noise = torch.randn(size, model.max_len, model.dim, generator=noise_gen, device=device)
-            out = model.forward_two_stream(window, steps, noise)
-        else:
-            out = model.forward_two_stream(window)
-        f = out[supervised]
-        targets = window[supervised]
-        row_of = supervised.nonzero()[:, 0]
-
-    rec_rows = ops.catalog_xent(f, weight, bias, targets)[0]
-    rec = rec_rows.mean()
-    parts = {"loss_rec": float(rec.detach())}
-    loss = rec
+    rec_rows, l_n, row_of = loss_module(history, target, steps, noise)
+    rec_sum = rec_rows.sum()
+    mse_sum = None
     if model.diffusion:
-        h0 = model.item_vectors(targets).detach()  # stop-gradient through the MSE target
-        l_n = (f - h0).pow(2).mean(dim=-1)  # averaged over d
+        mse_sum = ((importance if row_of is None else importance[row_of]) * l_n).sum()
+
+    # [rows, rec sum, mse sum] then, with a sampler, 3 slots per sequence of the combined batch
+    # (step, recorded loss, has rows), this rank's at [r::P] and zeros elsewhere.
+    totals = torch.zeros(3 + (3 * combined if sampler is not None else 0), dtype=torch.float64, device=device)
+    totals[0] = rec_rows.shape[0]
+    totals[1] = rec_sum.detach()
+    if mse_sum is not None:
+        totals[2] = mse_sum.detach()
+    if sampler is not None:
         # what the sampler records: L_n (the paper) or L_n + L_rec of the sequence
-        recorded = l_n.detach() if config.importance_loss == "mse" else (l_n + rec_rows).detach()
+        recorded = (l_n if config.importance_loss == "mse" else l_n + rec_rows).detach().double()
         if row_of is None:
-            mse = (importance * l_n).mean()
-            per_sequence = recorded
-        else:
-            mse = (importance[row_of] * l_n).mean()
-            sums = torch.zeros(size, device=device).index_add_(0, row_of, recorded)
-            counts = torch.bincount(row_of, minlength=size).clamp(min=1)
-            per_sequence = sums / counts
-            has_rows = torch.bincount(row_of, minlength=size) > 0
-            steps, per_sequence = steps[has_rows], per_sequence[has_rows]
-        loss = loss + config.mse_weight * mse
-        parts["loss_mse"] = float(mse.detach())
-        if sampler is not None:
-            sampler.update(steps.cpu(), per_sequence.cpu())
-    parts["loss"] = float(loss.detach())
+            per_sequence, sequence_rows = recorded, torch.ones_like(recorded)
+        else:  # the mean over a window's supervised positions
+            sequence_rows = torch.bincount(row_of, minlength=local).double()
+            per_sequence = torch.zeros_like(sequence_rows).index_add_(0, row_of, recorded)
+            per_sequence = per_sequence / sequence_rows.clamp(min=1)
+        slots = totals[3:].view(3, combined)
+        slots[:, replicas.rank::replicas.size] = torch.stack([steps.double(), per_sequence,
+                                                                (sequence_rows > 0).double()])
+    replicas.sum(totals)
+    rows = float(totals[0])
+    parts = {"loss_rec": float(totals[1]) / rows}
+    scale = replicas.size / rows
+    loss = rec_sum * scale
+    if mse_sum is not None:
+        parts["loss_mse"] = float(totals[2]) / rows
+        loss = loss + config.mse_weight * scale * mse_sum
+    parts["loss"] = parts["loss_rec"] + config.mse_weight * parts.get("loss_mse", 0.0)
+    if sampler is not None:
+        all_steps, all_losses, has_rows = totals[3:].view(3, combined).cpu()
+        kept = has_rows > 0
+        sampler.update(all_steps[kept].round().to(torch.int64), all_losses[kept])
     return loss, parts
 
 
-def _rng_tensors(step_gen: torch.Generator, noise_gen: torch.Generator, order_gen: torch.Generator,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    tensors = {
-        "rng.torch": torch.get_rng_state(), "rng.steps": step_gen.get_state(),
-        "rng.noise": noise_gen.get_state(), "rng.order": order_gen.get_state(),
-    }
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return tensors
+def _epoch_rows(count: int, config: TrainConfig, epoch: int, replicas: _Replicas) -> np.ndarray:
+    """This rank's training rows of `epoch`, in order, from torch's DistributedSampler: a permutation
+    seeded with seed + epoch (padded to a multiple of P by repeating its first rows), of which rank
+    r takes every P-th row from r. So the ranks' j-th batches of config.batch_size / P rows make up
+    the single-process batch j. samples_per_epoch keeps the first ceil(samples / P) rows per rank."""
+    sampler = DistributedSampler(range(count), num_replicas=replicas.size, rank=replicas.rank, shuffle=True,
+                                 seed=config.seed)
+    sampler.set_epoch(epoch)
+    rows = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    if config.mode == "prefix" and 0 < config.samples_per_epoch < count:
+        rows = rows[: math.ceil(config.samples_per_epoch / replicas.size)]
+    return rows
 
 
-def _restore_rng(tensors, step_gen, noise_gen, order_gen, device):
-    torch.set_rng_state(tensors["rng.torch"])
-    step_gen.set_state(tensors["rng.steps"])
-    order_gen.set_state(tensors["rng.order"])
-    noise_gen.set_state(tensors["rng.noise"])
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the global torch RNG (dropout) for an epoch on a rank: reseeding at every epoch
+    makes a resumed run draw what an uninterrupted one would, without storing RNG states, and
+    gives every rank its own dropout masks."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+
+
+def _generator_tensors(step_gen: torch.Generator, noise_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"rng.steps": step_gen.get_state(), "rng.noise": noise_gen.get_state()}
+
+
+def _on_cpu(value):
+    """`value` with every tensor in it (dicts, lists) copied to the CPU, for broadcast_object_list."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def _restore_run(config: TrainConfig, out_dir: Path, fingerprint, model, optimizer, sampler, step_gen,
+                 noise_gen, log) -> tuple[TrainState, dict | None]:
+    """Load the run in out_dir into the model, optimizer, sampler and generators; returns its
+    TrainState and the best epoch's weights (on the CPU)."""
+    found = ckpt.read_run_state(out_dir)
+    if found is None:
+        log(f"nothing to resume in {out_dir}: starting a new run")
+        return TrainState(), None
+    directory, scalars, tensors = found
+    saved = TrainConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_FILE)["config"])
+    changed = [name for name in dataclasses.asdict(config)
+               if getattr(saved, name) != getattr(config, name) and name not in TrainConfig.RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"cannot resume {out_dir}: config differs in {changed} "
+                          f"(only {list(TrainConfig.RESUMABLE_CHANGES)} may change)")
+    saved_fp = ckpt.read_json(directory / ckpt.CONFIG_FILE).get("dataset")
+    if saved_fp != fingerprint:
+        raise ConfigError(f"cannot resume {out_dir}: it was trained on a different dataset "
+                          f"({saved_fp} vs {fingerprint})")
+    needed = ["rng.steps", "rng.noise"] + (["sampler.loss_history", "sampler.counts"] if sampler is not None else [])
+    missing = [name for name in needed if name not in tensors]
+    missing += [name for name in ("optimizer", "train_state") if not isinstance(scalars, dict) or name not in scalars]
+    if missing:
+        raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state lacks {missing}")
+    ckpt.load_weights(model, directory / ckpt.MODEL_FILE)
+    try:
+        ckpt.optimizer_from_parts(optimizer, tensors, scalars["optimizer"])
+        if sampler is not None:
+            sampler.load_state_dict({"loss_history": tensors["sampler.loss_history"],
+                                     "counts": tensors["sampler.counts"]})
+        step_gen.set_state(tensors["rng.steps"])
+        noise_gen.set_state(tensors["rng.noise"])
+        state = TrainState(**scalars["train_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state does not fit "
+                                   f"this model and config ({type(error).__name__}: {error})") from None
+    best_weights = ckpt.read_tensors(ckpt.resolve(out_dir, "best") / ckpt.MODEL_FILE) if state.best_epoch else None
+    ckpt.remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
+    log(f"resuming {out_dir} after epoch {state.epoch} (best valid NDCG@10 "
+        f"{state.best_metric:.4f} at epoch {state.best_epoch})")
+    ckpt.atomic_write_bytes(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history).encode())
+    return state, best_weights
+
+
+def _start_run(config: TrainConfig, out_dir: Path | None, resume: bool, fingerprint, model, optimizer, sampler,
+               step_gen, noise_gen, log, replicas: _Replicas) -> tuple[TrainState, dict | None]:
+    """Rank 0 checks out_dir and, with resume, reads the run there (the checkpoint is read once);
+    the other ranks receive its outcome, so a refused resume raises on every rank and a resumed
+    run continues from the same state everywhere."""
+    outcome = None
+    if replicas.lead:
+        state, best_weights = TrainState(), None
+        try:
+            if resume:
+                state, best_weights = _restore_run(config, out_dir, fingerprint, model, optimizer, sampler,
+                                                   step_gen, noise_gen, log)
+            elif out_dir is not None and (out_dir / ckpt.LAST_POINTER).exists():
+                raise ConfigError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose "
+                                  "another directory")
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                if not state.history:
+                    ckpt.atomic_write_bytes(out_dir / "log.jsonl", b"")
+        except Exception as error:  # noqa: BLE001  (re-raised below, on every rank)
+            outcome = {"error": error}
+        else:
+            outcome = {"error": None}
+            if state.epoch and replicas.size > 1:
+                outcome.update(_on_cpu({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "sampler": sampler.state_dict() if sampler is not None else None,
+                    "generators": _generator_tensors(step_gen, noise_gen),
+                    "state": dataclasses.asdict(state), "best": best_weights,
+                }))
+    outcome = replicas.from_lead(outcome)
+    if outcome["error"] is not None:
+        raise outcome["error"]
+    if replicas.lead:
+        return state, best_weights
+    if "state" not in outcome:  # a new run
+        return TrainState(), None
+    model.load_state_dict(outcome["model"])
+    optimizer.load_state_dict(outcome["optimizer"])
+    if sampler is not None:
+        sampler.load_state_dict(outcome["sampler"])
+    step_gen.set_state(outcome["generators"]["rng.steps"])
+    noise_gen.set_state(outcome["generators"]["rng.noise"])
+    return TrainState(**outcome["state"]), outcome["best"]
+
+
+def _training_device(config: TrainConfig, replicas: _Replicas) -> torch.device:
+    device = resolve_device(config.device)
+    if replicas.size > 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # set per process from LOCAL_RANK
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            raise ConfigError(f"the process group uses nccl, which needs device cuda, got {device}")
+    return device
 
 
 def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume: bool = False,
@@ -390,10 +593,22 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
     each epoch (after its checkpoint is written); if it returns True, training stops after that
     epoch (e.g. a time budget) and the best checkpoint is tested as usual. `extra_meta` is stored in
     the checkpoints (e.g. how the dataset was read). `bf16`: autocast the forward passes (training
-    and evaluation) to bf16 on CUDA; no effect on the CPU."""
+    and evaluation) to bf16 on CUDA; no effect on the CPU.
+
+    Data parallel: when the default torch.distributed group has P > 1 processes (torchrun; see
+    distributed.init_process_group_from_env), every process calls train() with the same arguments.
+    The model is wrapped in DistributedDataParallel, config.batch_size is the combined batch (each
+    rank trains on batch_size / P rows of it), the importance samplers see every rank's losses,
+    validation and test are sharded over users, and only rank 0 writes to out_dir, logs and reads a
+    checkpoint to resume. Up to float rounding and dropout masks (drawn per rank), the run equals
+    the single-process run of the same config (tests/test_distributed_training.py)."""
     config.validate()
-    log = log or (lambda message: None)
-    device = resolve_device(config.device)
+    replicas = _Replicas(*dd.rank_and_world_size())
+    if config.batch_size % replicas.size:
+        raise ConfigError(f"batch_size = {config.batch_size} (the combined batch) must be divisible by the "
+                          f"{replicas.size} processes")
+    log = (log or (lambda message: None)) if replicas.lead else (lambda message: None)
+    device = _training_device(config, replicas)
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume and out_dir is None:
         raise ConfigError("resume needs an output directory")
@@ -406,80 +621,39 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
     sampler = (LossSecondMomentSampler(config.num_steps)
                if config.kind == "diffrec" and config.importance_sampling else None)
     step_gen = torch.Generator().manual_seed(config.seed + 1)
-    order_gen = torch.Generator().manual_seed(config.seed + 2)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 3)
-    state = TrainState()
-    best_weights = None
-
-    if resume:
-        found = ckpt.read_run_state(out_dir)
-        if found is not None:
-            directory, scalars, tensors = found
-            saved = TrainConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_FILE)["config"])
-            changed = [name for name in dataclasses.asdict(config)
-                       if getattr(saved, name) != getattr(config, name) and name not in TrainConfig.RESUMABLE_CHANGES]
-            if changed:
-                raise ConfigError(f"cannot resume {out_dir}: config differs in {changed} "
-                                  f"(only {list(TrainConfig.RESUMABLE_CHANGES)} may change)")
-            saved_fp = ckpt.read_json(directory / ckpt.CONFIG_FILE).get("dataset")
-            if saved_fp != fingerprint:
-                raise ConfigError(f"cannot resume {out_dir}: it was trained on a different dataset "
-                                  f"({saved_fp} vs {fingerprint})")
-            ckpt.load_weights(model, directory / ckpt.MODEL_FILE)
-            needed = ["rng.torch", "rng.steps", "rng.noise", "rng.order"]
-            needed += ["sampler.loss_history", "sampler.counts"] if sampler is not None else []
-            missing = [name for name in needed if name not in tensors]
-            missing += [name for name in ("optimizer", "train_state")
-                        if not isinstance(scalars, dict) or name not in scalars]
-            if missing:
-                raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state lacks {missing}")
-            try:
-                ckpt.optimizer_from_parts(optimizer, tensors, scalars["optimizer"])
-                if sampler is not None:
-                    sampler.load_state_dict({"loss_history": tensors["sampler.loss_history"],
-                                             "counts": tensors["sampler.counts"]})
-                _restore_rng(tensors, step_gen, noise_gen, order_gen, device)
-                state = TrainState(**scalars["train_state"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as error:
-                raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state does not fit "
-                                           f"this model and config ({type(error).__name__}: {error})") from None
-            ckpt.remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
-            log(f"resuming {out_dir} after epoch {state.epoch} (best valid NDCG@10 "
-                f"{state.best_metric:.4f} at epoch {state.best_epoch})")
-            if out_dir is not None:  # the log is rebuilt from the checkpoint's records
-                ckpt.atomic_write_bytes(out_dir / "log.jsonl",
-                                        "".join(json.dumps(r) + "\n" for r in state.history).encode())
-        else:
-            log(f"nothing to resume in {out_dir}: starting a new run")
-    elif out_dir is not None and (out_dir / ckpt.LAST_POINTER).exists():
-        raise ConfigError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another directory")
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume or not state.history:
-            ckpt.atomic_write_bytes(out_dir / "log.jsonl", b"")
+    state, best_weights = _start_run(config, out_dir, resume, fingerprint, model, optimizer, sampler, step_gen,
+                                     noise_gen, log, replicas)
+    writes = out_dir is not None and replicas.lead
 
     train_rows = training_sequences(dataset, config.max_len if config.mode == "user" else config.max_len - 1,
                                     config.mode)
     if len(train_rows) == 0:
         raise ValueError("the dataset has no training sequence (every user needs >= 2 training items)")
     log(f"{config.kind}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_rows):,} "
-        f"training rows ({config.mode} mode), device {device}")
+        f"training rows ({config.mode} mode), device {device}"
+        + (f", {replicas.size} processes of {config.batch_size // replicas.size} rows per batch"
+           if replicas.size > 1 else ""))
+    loss_module = _TrainingLoss(model, config.mode)
+    if replicas.size > 1:  # broadcasts rank 0's parameters, then averages the gradients in backward
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)  # the buffers are constant schedule tables
 
     item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
     eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,
-                        seed=config.seed, batch_size=config.eval_batch_size, bf16=bf16)
+                        seed=config.seed, batch_size=config.eval_batch_size, bf16=bf16, sharded=replicas.size > 1)
+    local_batch = config.batch_size // replicas.size
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if state.stopped_early:
             break
         model.train()
+        torch.manual_seed(_dropout_seed(config.seed, epoch, replicas.rank))
         started = time.perf_counter()
-        order = torch.randperm(len(train_rows), generator=order_gen).numpy()
-        if config.mode == "prefix" and 0 < config.samples_per_epoch < len(order):
-            order = order[: config.samples_per_epoch]
-        batches = range(0, len(order), config.batch_size)
+        rows = _epoch_rows(len(train_rows), config, epoch, replicas)
+        batches = range(0, len(rows), local_batch)
         bar = None
-        if progress:
+        if progress and replicas.lead:
             from tqdm.auto import tqdm
 
             bar = tqdm(batches, desc=f"{config.kind} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
@@ -487,10 +661,11 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
             batches = bar
         totals: dict[str, float] = {}
         for index, first in enumerate(batches, start=1):
-            batch = train_rows.batch(order[first:first + config.batch_size])
+            batch = train_rows.batch(rows[first:first + local_batch])
             with autocast_context(device, bf16):
-                loss, parts = _loss(model, batch, config, sampler, step_gen, noise_gen, device)
-            if not torch.isfinite(loss):
+                loss, parts = _train_step(loss_module, model, batch, config, sampler, step_gen, noise_gen, device,
+                                          replicas)
+            if not math.isfinite(parts["loss"]):  # the combined batch's loss: every rank stops here
                 raise FloatingPointError(f"non-finite loss {parts} at epoch {epoch}, batch {index}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -503,15 +678,14 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
                 bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items()})
         if bar is not None:
             bar.close()
-        num_batches = max(1, math.ceil(len(order) / config.batch_size))
+        num_batches = max(1, math.ceil(len(rows) / local_batch))
         train_seconds = time.perf_counter() - started
         valid = evaluate(model, dataset, "valid", **eval_options)
         ndcg = valid["NDCG@10"]
         improved = ndcg > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = ndcg, epoch, 0
-            if out_dir is None:
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_weights = _on_cpu(model.state_dict())
         else:
             state.bad_epochs += 1
         if config.patience and state.bad_epochs >= config.patience:
@@ -527,9 +701,9 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         }
         state.epoch = epoch
         state.history.append(record)
-        if out_dir is not None:
+        if writes:
             opt_tensors, opt_meta = ckpt.optimizer_to_parts(optimizer)
-            tensors = {**opt_tensors, **_rng_tensors(step_gen, noise_gen, order_gen, device)}
+            tensors = {**opt_tensors, **_generator_tensors(step_gen, noise_gen)}
             if sampler is not None:
                 tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
             scalars = {"format": ckpt.FORMAT, "optimizer": opt_meta, "train_state": dataclasses.asdict(state)}
@@ -541,17 +715,17 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         log(f"epoch {epoch:3d}  {loss_text}  valid HR@10 {valid['HR@10']:.4f} NDCG@10 {ndcg:.4f}"
             f"{' *' if improved else ''}  |E| {record['item_emb_norm']:.2f} cos {record['item_emb_cos']:.3f}"
             f"  {record['seconds']:.1f}s")
-        if callback is not None and callback(record) is True:
+        stop = callback is not None and callback(record) is True
+        # any rank's callback may stop the run (e.g. a time budget), and then every rank stops
+        if replicas.sum(torch.tensor([float(stop)], device=device)).item() > 0:
             log(f"stopped by the callback after epoch {epoch}")
             break
         if state.stopped_early:
             log(f"early stop: no better valid NDCG@10 for {config.patience} epochs")
             break
 
-    # test the best checkpoint
-    if out_dir is not None:
-        ckpt.load_weights(model, ckpt.resolve(out_dir, "best") / ckpt.MODEL_FILE)
-    elif best_weights is not None:
+    # test the best epoch's weights
+    if best_weights is not None:
         model.load_state_dict(best_weights)
     best_record = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     test = evaluate(model, dataset, "test", **eval_options)
@@ -559,9 +733,9 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         "kind": config.kind, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
         "valid": best_record["valid"] if best_record else None, "test": test,
         "popularity": {split: popularity_metrics(dataset, split, config.eval_exclude_seen) for split in ("valid", "test")},
-        "dataset": fingerprint, "config": config.to_dict(),
+        "dataset": fingerprint, "config": config.to_dict(), "processes": replicas.size,
     }
-    if out_dir is not None:
+    if writes:
         ckpt.atomic_write_json(out_dir / "result.json", result)
     result["model"] = model
     return result

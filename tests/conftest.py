@@ -54,3 +54,30 @@ def tiny_dataset(users=50, items=20, seed=0):
             rows.append((user, item, t))
             item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
     return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)
+
+
+def free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(arguments: list, processes: int = 2, timeout: int = 300):
+    """Run `arguments` (a script and its options, or "-m", module, ...) in `processes` processes
+    with torchrun (Gloo on a free loopback port, one CPU thread each); returns the completed
+    process, or fails the test with the workers' output when the launch fails."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1", f"--master_port={free_loopback_port()}", *map(str, arguments),
+    ]
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                         check=False)
+    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+    return run

@@ -9,14 +9,11 @@ ops.catalog_xent on the whole catalog in this process.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 from diffrec_ext import distributed as dd
 from diffrec_ext import ops
@@ -26,7 +23,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs the compiled extension and torch.distributed with Gloo",
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
 # Scores, losses and lse are in the accumulation dtype (float32 for bfloat16 inputs); gradients
 # come back in the input dtype, and a bfloat16 hidden gradient is rounded once per shard's part.
@@ -215,24 +211,10 @@ def _worker_main() -> None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
-        "--master_addr=127.0.0.1", f"--master_port={free_loopback_port()}",
-        str(Path(__file__).resolve()), "--out", str(out),
-    ]
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+    run_torchrun([Path(__file__).resolve(), "--out", out], WORLD_SIZE, timeout=180)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
