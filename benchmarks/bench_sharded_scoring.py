@@ -30,15 +30,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from launch import start_worker
+
 SHAPE = dict(batch=64, seeds=10, dim=256, num_items=200_000, k=20)
 
 
@@ -114,24 +113,10 @@ def run_worker(kind: str, threads: int, repeats: int, shape: dict, result_path: 
 # ----------------------------------------------------------------------------- driver
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(kind: str, processes: int, threads: int, repeats: int, shape: dict, folder: Path) -> dict:
     result = folder / f"{kind}_{processes}p_{threads}t.json"
-    worker_args = [str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads),
-                   "--repeats", str(repeats), "--result", str(result), *shape_args(shape)]
-    if kind == "single":
-        command = [sys.executable, *worker_args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
-                   "--master_addr=127.0.0.1", f"--master_port={free_loopback_port()}", *worker_args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+    start_worker([str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads), "--repeats", str(repeats),
+                "--result", str(result), *shape_args(shape)], processes, threads, distributed=kind != "single")
     return json.loads(result.read_text())
 
 

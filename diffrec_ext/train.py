@@ -33,7 +33,10 @@ Training modes:
 Validation NDCG@10 after every epoch picks the best checkpoint, which is tested at the end. Each
 epoch appends a JSON line to <out_dir>/log.jsonl. `train(..., resume=True)` continues from the last
 completed epoch and gives the same result as an uninterrupted run (model, optimizer, sampler and
-RNG states are restored).
+generator states are restored; dropout's RNG is reseeded at every epoch).
+
+Under torchrun (a default process group of P > 1 processes) the same call trains data-parallel:
+see `train` and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -636,8 +639,7 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
            if replicas.size > 1 else ""))
     loss_module = _TrainingLoss(model, config.mode)
     if replicas.size > 1:  # broadcasts rank 0's parameters, then averages the gradients in backward
-        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)  # the buffers are constant schedule tables
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
     eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,

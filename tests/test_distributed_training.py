@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,8 @@ def _worker_main() -> None:
                          "processes": result["processes"]}
     # Interrupted after epoch 1, then resumed: only rank 0 reads the checkpoint.
     train(RUNS["prefix"].replace(epochs=1), dataset, out / "resumed", progress=False, log=None)
+    if context.rank == 0:  # kept for a test that resumes it in one process
+        shutil.copytree(out / "resumed", out / "epoch1")
     resumed = train(RUNS["prefix"], dataset, out / "resumed", resume=True, progress=False, log=None)
     results["resumed"] = {"weights": resumed["model"].state_dict(), "test": resumed["test"]}
     results["errors"] = {
@@ -189,6 +192,17 @@ def test_resumed_two_process_run_equals_the_uninterrupted_one(two_processes):
         for key, tensor in results["prefix"]["weights"].items():
             assert torch.equal(results["resumed"]["weights"][key], tensor), key
         assert results["resumed"]["test"] == results["prefix"]["test"]
+
+
+def test_two_process_run_resumes_in_one_process(two_processes, one_process, dataset, tmp_path):
+    out, _ = two_processes
+    _, single = one_process
+    shutil.copytree(out / "epoch1", tmp_path / "run")
+    resumed = train(RUNS["prefix"], dataset, tmp_path / "run", resume=True, progress=False, log=None)
+    dim = RUNS["prefix"].dim
+    want = comparable(single["prefix"]["model"].state_dict(), dim)
+    for key, tensor in comparable(resumed["model"].state_dict(), dim).items():
+        torch.testing.assert_close(tensor, want[key], atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("name,message", [

@@ -1,0 +1,31 @@
+"""Starting benchmark workers in fresh processes: one process, or P processes under torchrun
+(Gloo on a free loopback port), with a given number of CPU threads each."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_worker(arguments: list[str], processes: int, threads: int, distributed: bool) -> None:
+    """`python <arguments>`, or under torchrun with `processes` processes when `distributed`
+    (a world of one process included); raises CalledProcessError when it fails."""
+    if distributed:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_loopback_port()}", *arguments]
+    else:
+        command = [sys.executable, *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
