@@ -231,7 +231,9 @@ def resolve_device(name: str) -> torch.device:
 def build_model(config: TrainConfig, num_items: int) -> DSR:
     return DSR(
         num_items=num_items, max_len=config.max_len, dim=config.dim, layers=config.layers, heads=config.heads,
-        dropout=config.dropout, ffn_mult=config.ffn_mult, attn_dropout=config.attn_dropout, emb_scale=config.emb_scale, norm_embeddings=config.norm_embeddings, schedule=config.schedule, num_steps=config.num_steps,
+        dropout=config.dropout, ffn_mult=config.ffn_mult, attn_dropout=config.attn_dropout,
+        emb_scale=config.emb_scale, norm_embeddings=config.norm_embeddings, schedule=config.schedule,
+        num_steps=config.num_steps,
         noised_positions=config.noised_positions, add_position=config.add_position, add_step=config.add_step,
         causal=config.causal, kind=config.kind, input_scale=config.input_scale,
     )
@@ -369,7 +371,7 @@ class _TrainingLoss(nn.Module):
             window = torch.cat([history, target[:, None]], dim=1)[:, -model.max_len:]
             supervised = torch.zeros_like(window, dtype=torch.bool)
             supervised[:, 1:] = (window[:, 1:] != 0) & (window[:, :-1] != 0)
-            out = model.forward_two_stream(window, steps, noise) if model.diffusion else model.forward_two_stream(window)
+            out = model.forward_two_stream(*((window, steps, noise) if model.diffusion else (window,)))
             f = out[supervised]
             targets = window[supervised]
             row_of = supervised.nonzero()[:, 0]

@@ -20,6 +20,8 @@ from conftest import run_torchrun, tiny_dataset
 
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import ops
+from diffrec_ext.data import evaluation_batch
+from diffrec_ext.inference import inference_input, predict_h0
 from diffrec_ext.train import ConfigError, TrainConfig, build_model, evaluate, train
 
 pytestmark = pytest.mark.skipif(
@@ -142,6 +144,20 @@ def test_two_processes_train_the_weights_of_one_process_on_the_combined_batch(tw
     initial = comparable(build_model(RUNS[name], dataset.num_items).state_dict(), dim)
     moved = max(float((want[key] - initial[key]).abs().max()) for key in want)
     assert moved > 100 * ATOL
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_the_key_bias_difference_does_not_reach_the_predictions(two_processes, one_process, dataset, name):
+    _, (first, _) = two_processes
+    _, single = one_process
+    two = build_model(RUNS[name], dataset.num_items)
+    two.load_state_dict(first[name]["weights"])
+    one = single[name]["model"]
+    batch = evaluation_batch(dataset, "test", RUNS[name].max_len - 1)
+    ids = inference_input(one, torch.from_numpy(batch.histories))
+    noise = torch.randn(ids.shape[0], 2, 1, RUNS[name].dim, generator=torch.Generator().manual_seed(0))
+    predictions = [predict_h0(model.eval(), ids, seeds=2, noise=noise) for model in (two, one)]
+    torch.testing.assert_close(*predictions, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
