@@ -34,7 +34,7 @@ BASE = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=10, seeds=2, batch_s
             eval_batch_size=16, device="cpu")
 # tiny_dataset: 180 prefix rows (12 combined batches, the last of 4 rows), 50 user windows (4 batches,
 # the last of 2); 50 evaluation users in batches of 16 (rank 0 ranks batches 0 and 2, rank 1 1 and 3).
-# num_steps = 10: the importance sampler is warm (10 losses per step) after 100 sequences, in epoch 1.
+# num_steps = 10: the prefix run's importance sampler gets warm (10 losses per step) within its 360 sequences.
 RUNS = {
     "prefix": TrainConfig(**BASE, grad_clip=1.0),
     "user": TrainConfig(**BASE, mode="user", importance_loss="total"),
