@@ -57,7 +57,7 @@ def worker(args) -> None:
             "valid_ndcg10": epochs[-1]["valid"]["NDCG@10"], "loss": epochs[-1]["loss"],
         }))
     if context is not None:
-        torch.distributed.destroy_process_group()
+        dd.exit_without_teardown(0)
 
 
 RUNS = [  # (label, processes, threads per process, under torchrun)

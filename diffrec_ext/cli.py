@@ -349,33 +349,24 @@ def cmd_train(args) -> int:
     config = _config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    group_started = False
+    lead = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: data-parallel training
-        import torch.distributed as dist
-
         from .distributed import init_process_group_from_env
 
-        group_started = not dist.is_initialized()
-        context = init_process_group_from_env()
-        lead = context.rank == 0
-    else:
-        lead = True
+        lead = init_process_group_from_env().rank == 0
+        args.exit_without_teardown = True  # see main()
     say = print if lead else (lambda *parts, **options: None)
+    spec = _data_spec(args)
+    dataset = _load_dataset(spec)
+    say(_stats_line(dataset))
+    for note in dataset.notes:
+        say(f"  {note}")
+    out = Path(args.out)
     try:
-        spec = _data_spec(args)
-        dataset = _load_dataset(spec)
-        say(_stats_line(dataset))
-        for note in dataset.notes:
-            say(f"  {note}")
-        out = Path(args.out)
-        try:
-            result = train(config, dataset, out, resume=args.resume, progress=not args.quiet and lead, log=say,
-                           extra_meta={"data": spec})
-        except (ConfigError, CheckpointError) as error:
-            raise CLIError(str(error)) from None
-    finally:
-        if group_started:
-            dist.destroy_process_group()
+        result = train(config, dataset, out, resume=args.resume, progress=not args.quiet and lead, log=say,
+                       extra_meta={"data": spec})
+    except (ConfigError, CheckpointError) as error:
+        raise CLIError(str(error)) from None
     if lead:
         print()
         _print_table({"popularity": result["popularity"]["valid"], config.kind: result["valid"] or {}},
@@ -640,16 +631,21 @@ def main(argv=None) -> int:
             parser.error("give the input file once (positional or --data)")
         args.data = args.input or args.data
     try:
-        return args.func(args)
+        code = args.func(args)
     except CLIError as error:
         print(f"diffrec {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except OSError as error:  # a file or directory that cannot be read or written: no traceback
         print(f"diffrec {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print(f"diffrec {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if getattr(args, "exit_without_teardown", False):  # a torchrun worker: see distributed.exit_without_teardown
+        from .distributed import exit_without_teardown
+
+        exit_without_teardown(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

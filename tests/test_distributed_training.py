@@ -92,7 +92,7 @@ def _worker_main() -> None:
                                                         log=None)),
     }
     torch.save(results, out / f"rank{context.rank}.pt")
-    torch.distributed.destroy_process_group()
+    dd.exit_without_teardown(0)
 
 
 # ----------------------------------------------------------------------------- tests
