@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from launch import start_worker
+from launch import machine_facts, publish, start_worker
 
 CONFIG = dict(dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="prefix", batch_size=256,
               num_steps=1000, seeds=10, epochs=2, device="cpu")
@@ -95,13 +94,10 @@ def compare(args) -> dict:
     for run in runs:
         run["speedup_vs_1x1"] = baseline["median_train_s"] / run["median_train_s"]
         run["best_speedup_vs_1x1"] = baseline["min_train_s"] / run["min_train_s"]
-    import torch
-
     return {
         "config": {**CONFIG, "dim": args.dim, "samples_per_epoch": args.samples}, "data": args.data or "synthetic",
         "rounds": args.rounds, "runs": runs,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "load_average_after": os.getloadavg()},
+        "machine": machine_facts(),
         "command": "python benchmarks/bench_data_parallel_training.py " + " ".join(sys.argv[1:]),
     }
 
@@ -138,10 +134,7 @@ def main(argv=None) -> None:
         worker(args)
         return
     report = compare(args)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    publish(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from launch import start_worker
+from launch import machine_facts, publish, start_worker
 
 SHAPE = dict(batch=64, seeds=10, dim=256, num_items=200_000, k=20)
 
@@ -159,13 +158,10 @@ def compare(repeats: int, rounds: int, shape: dict) -> dict:
         run["same_ids_as_single_process"] = all(ids == baseline["ids"][0] for ids in run["ids"])
         run["max_rel_value_diff"] = max(abs(a - b) / abs(b) for ra, rb in zip(run["values"], baseline["values"])
                                         for a, b in zip(ra, rb))
-    import torch
-
     return {
         "shape": shape, "repeats": repeats, "rounds": rounds,
         "runs": [{k: v for k, v in r.items() if k not in ("values", "ids")} for r in runs],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "load_average_after": os.getloadavg()},
+        "machine": machine_facts(),
         "command": "python benchmarks/bench_sharded_scoring.py " + " ".join(sys.argv[1:]),
     }
 
@@ -208,10 +204,7 @@ def main(argv=None) -> None:
         run_worker(args.worker, args.threads, args.repeats, shape, args.result)
         return
     report = compare(args.repeats, args.rounds, shape)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    publish(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

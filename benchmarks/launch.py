@@ -1,9 +1,12 @@
-"""Starting benchmark workers in fresh processes: one process, or P processes under torchrun
-(Gloo on a free loopback port), with a given number of CPU threads each."""
+"""What the multi-process benchmarks share: starting workers in fresh processes (one process, or
+P processes under torchrun, Gloo on a free loopback port, a given number of CPU threads each),
+the machine facts of a report, and printing / saving a report."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -29,3 +32,18 @@ def start_worker(arguments: list[str], processes: int, threads: int, distributed
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+
+
+def machine_facts() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "load_average_after": os.getloadavg()}
+
+
+def publish(report: dict, table: str, json_path: Path | None) -> None:
+    """Print the table; write the whole report as JSON when a path is given."""
+    print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")

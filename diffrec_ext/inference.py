@@ -283,7 +283,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
     device = model.out.weight.device
     generator = torch.Generator(device=device)
     ranks = []
-    starts = range(shard_rank * batch_size, count, shard_count * batch_size)
+    starts = _shard_starts(count, batch_size, shard)
     if progress:
         from tqdm.auto import tqdm
 
@@ -324,10 +324,15 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % 2**63
 
 
+def _shard_starts(count: int, batch_size: int, shard: tuple[int, int]) -> range:
+    """First user of each batch of `shard = (r, P)`: batches r, r + P, ..."""
+    shard_rank, shard_count = shard
+    return range(shard_rank * batch_size, count, shard_count * batch_size)
+
+
 def shard_users(count: int, batch_size: int, shard: tuple[int, int]) -> np.ndarray:
     """Positions [U_r] int64 of the users whose ranks `target_ranks(..., shard=shard)` returns."""
-    shard_rank, shard_count = shard
-    starts = range(shard_rank * batch_size, count, shard_count * batch_size)
+    starts = _shard_starts(count, batch_size, shard)
     return np.concatenate([np.arange(start, min(start + batch_size, count)) for start in starts] or
                           [np.zeros(0, dtype=np.int64)])
 

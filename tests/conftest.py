@@ -39,8 +39,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def tiny_dataset(users=50, items=20, seed=0):
-    """A small dataset with a strong next-item structure (each item is mostly followed by the next)."""
+def tiny_dataset(users=50, items=20, seed=0, longest=9):
+    """A small dataset with a strong next-item structure (each item is mostly followed by the next);
+    users have 4 to `longest` interactions."""
     import numpy as np
     import pandas as pd
 
@@ -50,7 +51,7 @@ def tiny_dataset(users=50, items=20, seed=0):
     rows = []
     for user in range(users):
         item = int(rng.integers(1, items + 1))
-        for t in range(int(rng.integers(4, 10))):
+        for t in range(int(rng.integers(4, longest + 1))):
             rows.append((user, item, t))
             item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
     return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "tiny", k_core=1)
@@ -81,3 +82,13 @@ def run_torchrun(arguments: list, processes: int = 2, timeout: int = 300):
                          check=False)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
     return run
+
+
+def capture_error(fn) -> tuple[str, str]:
+    """(exception type name, message) of what `fn()` raises, or ("no error", "") (for torchrun
+    workers, which save it for the test process to assert on)."""
+    try:
+        fn()
+        return ("no error", "")
+    except Exception as error:  # noqa: BLE001
+        return (type(error).__name__, str(error))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import capture_error, run_torchrun
 
 from diffrec_ext import distributed as dd
 from diffrec_ext import ops
@@ -133,38 +133,30 @@ def local_shard(case, rank):
 # ----------------------------------------------------------------------------- worker (torchrun)
 
 
-def _capture(fn):
-    try:
-        fn()
-        return ("no error", "")
-    except Exception as error:  # noqa: BLE001  (the test asserts on the type and message)
-        return (type(error).__name__, str(error))
-
-
 def _error_cases(rank: int) -> dict:
     """Bad input on one rank or on all; every rank must raise (and none may hang)."""
     case = make_case(**TOPK_CASES["odd_V_bias_exclusions"])
     hidden, weight, bias, start = case["hidden"], *local_shard(case, rank)
     offsets, ids = case["exclusions"]
     results = {}
-    results["overlapping_shards"] = _capture(
+    results["overlapping_shards"] = capture_error(
         lambda: dd.sharded_seed_topk(hidden, weight, bias, 5, start - (rank == 1), group=None))
-    results["gap_between_shards"] = _capture(
+    results["gap_between_shards"] = capture_error(
         lambda: dd.sharded_seed_topk(hidden, weight, bias, 5, start + (rank == 1)))
-    results["k_above_V"] = _capture(lambda: dd.sharded_seed_topk(hidden, weight, bias, 38, start))
-    results["k_above_items_left"] = _capture(lambda: dd.sharded_seed_topk(
+    results["k_above_V"] = capture_error(lambda: dd.sharded_seed_topk(hidden, weight, bias, 38, start))
+    results["k_above_items_left"] = capture_error(lambda: dd.sharded_seed_topk(
         hidden, weight, bias, 5, start, torch.tensor([0, 34, 34, 34]), torch.arange(34)))
-    results["bad_weight_on_rank_1"] = _capture(lambda: dd.sharded_seed_topk(
+    results["bad_weight_on_rank_1"] = capture_error(lambda: dd.sharded_seed_topk(
         hidden, weight if rank == 0 else torch.zeros(weight.shape[0], 9), bias, 5, start))
-    results["batch_differs"] = _capture(lambda: dd.sharded_seed_topk(
+    results["batch_differs"] = capture_error(lambda: dd.sharded_seed_topk(
         hidden if rank == 0 else hidden[:2], weight, bias, 5, start))
-    results["exclusion_id_out_of_catalog"] = _capture(lambda: dd.sharded_seed_topk(
+    results["exclusion_id_out_of_catalog"] = capture_error(lambda: dd.sharded_seed_topk(
         hidden, weight, bias, 5, start, offsets, torch.where(ids == ids[0], 37, ids)))
-    results["target_out_of_catalog"] = _capture(lambda: dd.sharded_target_rank(
+    results["target_out_of_catalog"] = capture_error(lambda: dd.sharded_target_rank(
         hidden, weight, bias, torch.tensor([0, 37, 1]), start))
     xent = make_case(**XENT_CASES["odd_V_bias"])
     w, b, s = local_shard(xent, rank)
-    results["xent_target_negative"] = _capture(lambda: dd.sharded_catalog_xent(
+    results["xent_target_negative"] = capture_error(lambda: dd.sharded_catalog_xent(
         xent["hidden"], w, b, torch.full_like(xent["targets"], -1), s))
     # After all that, the group must still work.
     values, _ = dd.sharded_seed_topk(hidden, weight, bias, 5, start)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun, tiny_dataset
+from conftest import capture_error, run_torchrun, tiny_dataset
 
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import ops
@@ -56,14 +56,6 @@ def comparable(weights: dict, dim: int) -> dict:
 # ----------------------------------------------------------------------------- worker (torchrun)
 
 
-def _capture(fn) -> tuple[str, str]:
-    try:
-        fn()
-        return ("no error", "")
-    except Exception as error:  # noqa: BLE001  (the test asserts on the type and message)
-        return (type(error).__name__, str(error))
-
-
 def _worker_main() -> None:
     from diffrec_ext import distributed as dd
 
@@ -85,10 +77,10 @@ def _worker_main() -> None:
     resumed = train(RUNS["prefix"], dataset, out / "resumed", resume=True, progress=False, log=None)
     results["resumed"] = {"weights": resumed["model"].state_dict(), "test": resumed["test"]}
     results["errors"] = {
-        "batch_not_divisible": _capture(lambda: train(RUNS["prefix"].replace(batch_size=15), dataset,
+        "batch_not_divisible": capture_error(lambda: train(RUNS["prefix"].replace(batch_size=15), dataset,
                                                       progress=False, log=None)),
         # seen by rank 0 only (it alone looks at the run directory), raised on both
-        "directory_holds_a_run": _capture(lambda: train(RUNS["prefix"], dataset, out / "prefix", progress=False,
+        "directory_holds_a_run": capture_error(lambda: train(RUNS["prefix"], dataset, out / "prefix", progress=False,
                                                         log=None)),
     }
     torch.save(results, out / f"rank{context.rank}.pt")

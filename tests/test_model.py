@@ -4,13 +4,13 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import tiny_dataset
 
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import ops
-from diffrec_ext.data import popularity_ranking_metrics, preprocess
+from diffrec_ext.data import popularity_ranking_metrics
 from diffrec_ext.inference import (Recommender, posterior, predict_h0, recommend, reverse_steps,
                                    target_ranks)
 from diffrec_ext.metrics import hit_ratio, item_counts, ndcg, popularity_ranks, ranking_metrics
@@ -52,20 +52,9 @@ def test_popularity_ranks_pessimistic_ties_and_exclusion():
     assert item_counts([[1, 2, 0], [2, 3]], 5).tolist() == [0, 1, 2, 1, 0]
 
 
-def small_dataset(users=60, items=25, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for user in range(users):
-        item = int(rng.integers(1, items + 1))
-        for t in range(int(rng.integers(4, 12))):
-            rows.append((user, item, t))
-            item = item % items + 1 if rng.random() < 0.8 else int(rng.integers(1, items + 1))
-    return preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "small", k_core=1)
-
-
 @pytest.mark.parametrize("exclude_seen", [False, True])
 def test_popularity_metrics_match_data_module(exclude_seen):
-    dataset = small_dataset()
+    dataset = tiny_dataset(users=60, items=25, longest=11)
     for split in ("valid", "test"):
         ours = popularity_metrics(dataset, split, exclude_seen)
         theirs = popularity_ranking_metrics(dataset, split, exclude_seen=exclude_seen)
