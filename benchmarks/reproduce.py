@@ -779,7 +779,7 @@ def figure6(model, data: Data, args) -> dict:
         title, genres = movies.get(int(original), (str(original), "")) if movies else (str(original), "")
         return {"dense": dense, "id": original, "title": title, "genres": genres}
 
-    device = model.out.weight.device
+    device = model.pos_emb.device
     ids = inference_input(model, [history], device)
     generator = torch.Generator(device=device).manual_seed(args.figure6_noise_seed)
     from diffrec_ext.train import autocast_context
@@ -788,7 +788,7 @@ def figure6(model, data: Data, args) -> dict:
     with autocast_context(device, args.bf16):
         hidden = predict_h0(model, ids, total, "alg3", generator)  # [1, total, d]
     offsets, excluded = exclusion([history], 1, True, device)
-    w, b = model.out.weight, model.out.bias
+    w, b = model.item_layer()
     target_t = torch.tensor([target], device=device)
 
     def top(h):

@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -78,6 +79,17 @@ void check_same_device(const at::Tensor& reference, const at::Tensor& t, const c
               " is on ", reference.device());
 }
 
+// steps [B] (one step per sequence) or [B, K] (one per noised position).
+static void check_denoiser_steps_shape(const at::Tensor& steps, int64_t batch,
+                                       int64_t noised_positions) {
+  const bool per_sequence = steps.dim() == 1 && steps.size(0) == batch;
+  const bool per_position =
+      steps.dim() == 2 && steps.size(0) == batch && steps.size(1) == noised_positions;
+  TORCH_CHECK(per_sequence || per_position, "steps must be [B] = [", batch,
+              "] or [B, noised_positions] = [", batch, ", ", noised_positions, "], got shape ",
+              shape_of(steps));
+}
+
 void check_denoiser_input_args(const at::Tensor& item_emb, const at::Tensor& pos_emb,
                                const at::Tensor& steps, const at::Tensor& sqrt_abar,
                                const at::Tensor& sqrt_one_minus_abar, const at::Tensor& noise,
@@ -101,8 +113,7 @@ void check_denoiser_input_args(const at::Tensor& item_emb, const at::Tensor& pos
               dim, "], got shape ", shape_of(noise));
   TORCH_CHECK(noise.scalar_type() == item_emb.scalar_type(), "noise dtype ", noise.scalar_type(),
               " differs from item_emb dtype ", item_emb.scalar_type());
-  TORCH_CHECK(steps.dim() == 1 && steps.size(0) == batch, "steps must be [B] = [", batch,
-              "], got shape ", shape_of(steps));
+  check_denoiser_steps_shape(steps, batch, noised_positions);
   TORCH_CHECK(sqrt_abar.dim() == 1 && sqrt_abar.size(0) >= 1,
               "sqrt_abar must be [N + 1], got shape ", shape_of(sqrt_abar));
   TORCH_CHECK(sqrt_one_minus_abar.sizes() == sqrt_abar.sizes(), "sqrt_one_minus_abar shape ",
@@ -131,8 +142,7 @@ void check_denoiser_input_backward_args(const at::Tensor& grad_out, const at::Te
   const int64_t batch = grad_out.size(0), length = grad_out.size(1);
   TORCH_CHECK(noised_positions >= 0 && noised_positions <= length, "noised_positions = ",
               noised_positions, " must be in [0, T = ", length, "]");
-  TORCH_CHECK(steps.dim() == 1 && steps.size(0) == batch, "steps must be [B] = [", batch,
-              "], got shape ", shape_of(steps));
+  check_denoiser_steps_shape(steps, batch, noised_positions);
   TORCH_CHECK(sqrt_abar.dim() == 1 && sqrt_abar.size(0) >= 1,
               "sqrt_abar must be [N + 1], got shape ", shape_of(sqrt_abar));
   check_float_tensor(sqrt_abar, "sqrt_abar");
@@ -231,5 +241,12 @@ void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidd
               hidden.scalar_type(), " hidden, got ", lse->scalar_type());
   check_same_device(hidden, *lse, "hidden", "lse");
 }
+
+void check_seeded_dropout_args(const at::Tensor& input, double p) {
+  check_float_tensor(input, "input");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "p must be in [0, 1), got ", p);
+}
+
+uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::floor(p * 4294967296.0)); }
 
 }  // namespace diffrec

@@ -59,4 +59,10 @@ void check_xent_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse
 // float32 otherwise, on hidden's device.
 void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden);
 
+// seeded_dropout: a float tensor and a drop probability p in [0, 1).
+void check_seeded_dropout_args(const at::Tensor& input, double p);
+
+// floor(p * 2^32): element i is kept iff dropout_bits(seed, i) >= this (csrc/dropout_hash.h).
+uint32_t dropout_threshold(double p);
+
 }  // namespace diffrec

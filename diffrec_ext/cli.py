@@ -151,7 +151,7 @@ CONFIG_HELP = {
     "emb_scale": "embedding tables start at std 1/emb_scale",
     "norm_embeddings": "item vectors on the sphere of radius sqrt(dim) (stops the norm-growth shortcut)",
     "max_len": "T: T-1 history items plus the target slot",
-    "causal": "causal attention (needed by --mode user)",
+    "causal": "causal attention (needed by --mode window and user)",
     "schedule": "noise schedule", "num_steps": "N diffusion steps",
     "noised_positions": "K: noise the last K positions (1 = the target only, the paper)",
     "input_scale": "diffuse input_scale * h0: lowers every step's signal-to-noise ratio (1 = the paper)",
@@ -165,7 +165,12 @@ CONFIG_HELP = {
     "eval_exclude_seen": "remove each user's history from the ranking in evaluation",
     "eval_batch_size": "users per evaluation batch", "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
     "batch_size": "training batch size", "epochs": "epochs",
-    "mode": "prefix: every prefix is an example (the paper); user: one window per user, every position supervised",
+    "mode": "window: every training target once per epoch, windows of max_len items supervised in one pass; "
+            "prefix: every prefix is an example (the paper); user: one window per user, every position supervised",
+    "window_stride": "window mode: items between window starts, in [1, max_len - 1] (0 = max_len // 2)",
+    "tie_output": "item layer W = the item embeddings (as SASRec) instead of its own matrix",
+    "step_embedding": "where the step embedding z_n goes: all positions (Eq. 14), the noised target only, or "
+                      "auto (target for window/user mode, all for prefix)",
     "samples_per_epoch": "prefix mode: prefixes drawn per epoch (0 = all)",
     "patience": "early stopping after this many epochs without a better valid NDCG@10 (0 = off)",
     "grad_clip": "max gradient norm (0 = off)", "seed": "random seed", "device": "auto, cpu, cuda or cuda:N",
@@ -174,14 +179,14 @@ CONFIG_HELP = {
 
 def _config_choices() -> dict:
     from .inference import METHODS
-    from .model import MODEL_KINDS
+    from .model import MODEL_KINDS, STEP_EMBEDDINGS
     from .schedules import SCHEDULES
     from .train import TRAIN_MODES
 
     from .train import IMPORTANCE_LOSSES
 
     return {"kind": MODEL_KINDS, "mode": TRAIN_MODES, "schedule": SCHEDULES, "inference": METHODS,
-            "importance_loss": IMPORTANCE_LOSSES}
+            "importance_loss": IMPORTANCE_LOSSES, "step_embedding": ("auto",) + STEP_EMBEDDINGS}
 
 
 def _add_config_args(parser, defaults: dict | None = None):

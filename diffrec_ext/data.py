@@ -51,7 +51,9 @@ __all__ = [
     "load_dataset",
     "DatasetStats",
     "SequenceDataset",
+    "TRAIN_MODES",
     "TrainingSequences",
+    "training_target_count",
     "EvaluationBatch",
     "training_sequences",
     "evaluation_batch",
@@ -755,70 +757,124 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
 
 
+TRAIN_MODES = ("window", "prefix", "user")
+
+
 @dataclass(frozen=True, eq=False)
 class TrainingSequences:
-    """Training rows as spans of the dataset's item array; windows are gathered on demand, so the
-    every-prefix augmentation costs three int64 per row instead of max_len.
+    """Training rows as spans of the dataset's item array, gathered into padded arrays on demand.
 
-    Row r's target is items[ends[r]]; its history is items[starts[r]:ends[r]] (the most recent
-    max_len of them). In "user" mode there is one row per user (target = last training item) and
-    `position_targets` gives the item that follows each history position, for supervising every
-    position of the window (SASRec style).
+    "prefix" rows hold one target each: history items[starts[r]:ends[r]] (its most recent max_len
+    items), target items[ends[r]].
+    "window" and "user" rows are windows: the items items[max(starts[r], ends[r] - max_len):ends[r]],
+    left-padded to max_len; every position holding an item at index >= supervised_from[r] is a
+    target, predicted from the window's items before it (one pass supervises them all).
     """
 
     items: np.ndarray
     starts: np.ndarray  # int64 [M]: first position of the row's user in items
-    ends: np.ndarray  # int64 [M]: position of the row's target in items
+    ends: np.ndarray  # int64 [M]: prefix: position of the target; windows: end of the span (exclusive)
     users: np.ndarray  # int64 [M]
     max_len: int
     mode: str
+    supervised_from: np.ndarray | None = None  # int64 [M], windows only
 
     def __len__(self) -> int:
         return len(self.ends)
 
     @property
+    def is_window(self) -> bool:
+        return self.supervised_from is not None
+
+    @property
+    def num_targets(self) -> int:
+        """Targets the rows supervise: one per prefix row, ends - supervised_from per window."""
+        return int((self.ends - self.supervised_from).sum()) if self.is_window else len(self)
+
+    @property
     def targets(self) -> np.ndarray:
+        """Prefix rows: [M] targets; window rows: every supervised target, row by row."""
+        if self.is_window:
+            return self.items[_ranges(self.supervised_from, self.ends)]
         return self.items[self.ends]
 
     def histories(self, rows=None) -> np.ndarray:
-        """[R, max_len] left-padded histories of the given rows (all rows by default)."""
+        """[R, max_len] left-padded histories (prefix rows) or windows of the given rows."""
         rows = slice(None) if rows is None else rows
         return _windows(self.items, self.starts[rows], self.ends[rows], self.max_len)
 
-    def position_targets(self, rows=None) -> np.ndarray:
-        """[R, max_len]: the item following each history position, 0 where the history is padding.
-        The last column is the row's target."""
+    def supervised(self, rows=None) -> np.ndarray:
+        """[R, max_len] bool: the window positions that are targets (window rows only)."""
         rows = slice(None) if rows is None else rows
-        return _windows(self.items, self.starts[rows] + 1, self.ends[rows] + 1, self.max_len)
+        first = self.ends[rows, None] - self.max_len + np.arange(self.max_len)[None, :]  # item index per position
+        return first >= self.supervised_from[rows, None]
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {"user": self.users[rows], "history": self.histories(rows), "target": self.items[self.ends[rows]]}
-        if self.mode == "user":
-            batch["position_targets"] = self.position_targets(rows)
+        if self.is_window:
+            batch = {"user": self.users[rows], "window": self.histories(rows), "supervised": self.supervised(rows)}
+        else:
+            batch = {"user": self.users[rows], "history": self.histories(rows), "target": self.items[self.ends[rows]]}
         return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
 
 
-def training_sequences(dataset: SequenceDataset, max_len: int = 50, mode: str = "prefix") -> TrainingSequences:
+def training_target_count(dataset: SequenceDataset) -> int:
+    """Every training target: each item of a user's training part (all but the last two items)
+    after the first."""
+    return int(np.maximum(dataset.lengths - 3, 0).sum())
+
+
+def _window_rows(starts: np.ndarray, lengths: np.ndarray, max_len: int, stride: int):
+    """(user index, end, supervised_from) of the windows cutting each training part of `lengths`
+    items (>= 2) that starts at `starts`: the first window is the first min(L, T) items and
+    supervises positions 1.., then windows end stride items later (the last at L) and supervise
+    the items after the previous window's end. So each target is supervised exactly once, with at
+    least T - stride items of context where the part has them."""
+    later = np.maximum(np.ceil((lengths - max_len) / stride), 0).astype(np.int64)
+    per_user = later + 1
+    owner = np.repeat(np.arange(len(lengths)), per_user)
+    index = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)  # 0.. per user
+    length = lengths[owner]
+    end = np.minimum(max_len + index * stride, length)
+    supervised_from = np.where(index == 0, 1, np.minimum(max_len + (index - 1) * stride, length))
+    return owner, starts[owner] + end, starts[owner] + supervised_from
+
+
+def training_sequences(dataset: SequenceDataset, max_len: int = 50, mode: str = "window",
+                       stride: int | None = None) -> TrainingSequences:
     """Training rows from each user's training part (all but the last two items).
 
-    "prefix": every prefix of length >= 2 of every training part: history = prefix[:-1], target =
-    prefix[-1]. "user": one row per user whose training part has >= 2 items: history = train[:-1],
-    target = train[-1], plus per-position targets for every-position supervision.
+    "prefix" (the paper's construction): every prefix of length >= 2 of every training part:
+    history = prefix[:-1] (max_len of it), target = prefix[-1].
+    "window": each training part cut into windows of max_len items, `stride` apart (1 <= stride <
+    max_len; default max_len // 2): every training target is supervised exactly once, with at least
+    max_len - stride items of context where the user has them (see _window_rows).
+    "user": one window per user, its last max_len training items, every position supervised.
     """
     _check_max_len(max_len)
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
     starts = dataset.offsets[:-1]
     train_lengths = dataset.lengths - 2
     if mode == "prefix":
         per_user = np.maximum(train_lengths - 1, 0)  # targets at train positions 1..L-1
         users = np.repeat(np.arange(dataset.num_users), per_user)
         ends = _ranges(starts + 1, starts + 1 + per_user)
-    elif mode == "user":
-        users = np.flatnonzero(train_lengths >= 2)
-        ends = starts[users] + train_lengths[users] - 1
+        return TrainingSequences(dataset.items, starts[users], ends.astype(np.int64), users.astype(np.int64),
+                                 int(max_len), mode)
+    if max_len < 2:
+        raise ValueError(f"windows need max_len >= 2 (an item and its target), got {max_len}")
+    users = np.flatnonzero(train_lengths >= 2)
+    if mode == "user":
+        ends = starts[users] + train_lengths[users]
+        supervised_from = np.maximum(starts[users] + 1, ends - max_len + 1)
     else:
-        raise ValueError(f"mode must be 'prefix' or 'user', got {mode!r}")
+        stride = max_len // 2 if stride is None else stride
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride < max_len:
+            raise ValueError(f"stride must be an int in [1, max_len - 1 = {max_len - 1}], got {stride!r}")
+        owner, ends, supervised_from = _window_rows(starts[users], train_lengths[users], max_len, int(stride))
+        users = users[owner]
     return TrainingSequences(dataset.items, starts[users], ends.astype(np.int64), users.astype(np.int64),
-                             int(max_len), mode)
+                             int(max_len), mode, supervised_from.astype(np.int64))
 
 
 @dataclass(frozen=True, eq=False)

@@ -81,6 +81,19 @@ class _StepPlan:
 
 
 # ------------------------------------------------------------------------------------- denoiser passes
+def _slot_steps(model: DSR, steps: torch.Tensor, noised: int) -> torch.Tensor:
+    """The steps argument of ops.denoiser_input for `noised` slot positions: [rows], or [rows, K]
+    when the model puts the step embedding on the noised positions only (step_embedding "target")."""
+    if model.step_embedding == "target":
+        return steps[:, None].expand(steps.shape[0], noised)
+    return steps
+
+
+def _history_has_step(model: DSR) -> bool:
+    """Whether the history positions carry the step embedding (Eq. 14's "all" positions)."""
+    return model.add_step and model.step_embedding == "all"
+
+
 def _repeat_rows(t: torch.Tensor, seeds: int) -> torch.Tensor:
     """Each row `seeds` times in a row ([rows, ...] -> [rows * S, ...]), as repeat_interleave,
     written as expand + reshape: no output-size computation, so safe inside a graph capture."""
@@ -135,11 +148,12 @@ class _SharedHistoryPass:
         model = self.model
         if self.prefix_length == 0:
             return [None] * len(model.layers)
-        if not model.add_step and self._history_cache is not None:
+        with_step = _history_has_step(model)
+        if not with_step and self._history_cache is not None:
             return self._history_cache[1]  # without a step embedding the history is the same at every step
         table, table_noise = self.engine.noising_tables
         x = ops.denoiser_input(self.prefix_vectors, self.prefix_positions, rows_steps, table, table_noise,
-                               self.no_noise_prefix, self.prefix_padding, 0, model.add_position, model.add_step)
+                               self.no_noise_prefix, self.prefix_padding, 0, model.add_position, with_step)
         x = model.input_drop(model.input_ln(x))
         states = []
         for index, layer in enumerate(model.layers):
@@ -172,9 +186,9 @@ class _SharedHistoryPass:
         table, table_noise = self.engine.noising_tables
         states = self._history_states(plan.rows_steps[0])
         noised = model.noised_positions
-        x = ops.denoiser_input(self.suffix_vectors, self.suffix_positions, plan.seq_steps[0], table, table_noise,
-                               noise if noised else self.no_noise_suffix, self.suffix_padding, noised,
-                               model.add_position, model.add_step)
+        x = ops.denoiser_input(self.suffix_vectors, self.suffix_positions, _slot_steps(model, plan.seq_steps[0], noised),
+                               table, table_noise, noise if noised else self.no_noise_suffix, self.suffix_padding,
+                               noised, model.add_position, model.add_step)
         return self._suffix_outputs(model.input_drop(model.input_ln(x)), states)
 
     def denoise_slot(self, h: torch.Tensor, step: int, plan: _StepPlan) -> torch.Tensor:
@@ -182,9 +196,14 @@ class _SharedHistoryPass:
         model = self.model
         table, table_noise = self.engine.noising_tables
         states = self._history_states(plan.rows_steps[step])
-        x = ops.denoiser_input(h.to(self.suffix_vectors.dtype)[:, None], self.suffix_positions, plan.seq_steps[step],
-                               table, table_noise, self.no_noise_suffix, self.suffix_padding, 0,
-                               model.add_position, model.add_step)
+        slot = h.to(self.suffix_vectors.dtype)[:, None]
+        if model.step_embedding == "target":  # the slot as the noised position, with "leave it as it is" tables
+            x = ops.denoiser_input(slot, self.suffix_positions, _slot_steps(model, plan.seq_steps[step], 1),
+                                   *self.engine.identity_tables, torch.zeros_like(slot), self.suffix_padding, 1,
+                                   model.add_position, model.add_step)
+        else:
+            x = ops.denoiser_input(slot, self.suffix_positions, plan.seq_steps[step], table, table_noise,
+                                   self.no_noise_suffix, self.suffix_padding, 0, model.add_position, model.add_step)
         return self._suffix_outputs(model.input_drop(model.input_ln(x)), states)
 
 
@@ -215,11 +234,12 @@ class _EagerPass:
         self.vectors = self.model.item_vectors(self.sequences)
         self.slot_vectors = self.vectors[:, -1]
 
-    def _encode(self, vectors, steps, noise, noised_positions):
+    def _encode(self, vectors, steps, noise, noised_positions, tables=None):
         model = self.model
-        table, table_noise = self.engine.noising_tables
-        x = reference.denoiser_input(vectors, self.engine.position_table, steps, table, table_noise, noise,
-                                     self.padding, noised_positions, model.add_position, model.add_step)
+        table, table_noise = tables or self.engine.noising_tables
+        x = reference.denoiser_input(vectors, self.engine.position_table, _slot_steps(model, steps, noised_positions),
+                                     table, table_noise, noise, self.padding, noised_positions, model.add_position,
+                                     model.add_step)
         return model.encode(model.input_drop(model.input_ln(x)), self.padding)[:, -1]
 
     def one_pass(self, noise, plan: _StepPlan) -> torch.Tensor:
@@ -230,8 +250,8 @@ class _EagerPass:
 
     def denoise_slot(self, h, step: int, plan: _StepPlan) -> torch.Tensor:
         vectors = torch.cat([self.vectors[:, :-1], h.to(self.vectors.dtype)[:, None]], dim=1)
-        empty = vectors.new_zeros(vectors.shape[0], 0, self.model.dim)
-        return self._encode(vectors, plan.seq_steps[step], empty, 0)
+        as_is = vectors.new_zeros(vectors.shape[0], 1, self.model.dim)  # the slot, left as it is
+        return self._encode(vectors, plan.seq_steps[step], as_is, 1, self.engine.identity_tables)
 
 
 # ------------------------------------------------------------------------------------- CUDA graphs
@@ -329,18 +349,20 @@ class _EngineBase:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if item_ids is not None and len(item_ids) != model.num_items:
             raise ValueError(f"{len(item_ids)} item ids for a model of {model.num_items} items")
-        source_device = model.out.weight.device
+        source_device = model.pos_emb.device
         self.device = torch.device(device) if device is not None else source_device
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} requested but CUDA is not available")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
-        param_dtype = model.out.weight.dtype
+        param_dtype = model.pos_emb.dtype
         # The noising tables stay float32 whatever the compute dtype (sqrt(abar_N) is ~1e-2).
         table_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.noising_tables = (model.sqrt_abar.detach().to(self.device, table_dtype),
                                model.sqrt_one_minus_abar.detach().to(self.device, table_dtype))
+        # Alg. 2 feeds h_n to the slot as it is: tables of "no noise" for the denoiser input.
+        self.identity_tables = (torch.ones_like(self.noising_tables[0]), torch.zeros_like(self.noising_tables[1]))
         if self.device != source_device or self.dtype != param_dtype:
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
             model.sqrt_abar, model.sqrt_one_minus_abar = self.noising_tables  # undo the cast of the buffers
@@ -780,7 +802,7 @@ class InferenceEngine(_EngineBase):
         return graph
 
     def _score(self, hidden, k, offsets, excluded):
-        weight, bias = self.model.out.weight, self.model.out.bias
+        weight, bias = self.model.item_layer()
         hidden = hidden.to(weight.dtype)
         if self.scoring == "kernel":
             return ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
@@ -822,7 +844,7 @@ class EagerEngine(_EngineBase):
 
     def _score(self, hidden, k, offsets, excluded):
         users, seeds, dim = hidden.shape
-        logits = self.model.out(hidden.reshape(users * seeds, dim))
+        logits = torch.nn.functional.linear(hidden.reshape(users * seeds, dim), *self.model.item_layer())
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).reshape(users, seeds, -1).mean(dim=1)
         rows = torch.repeat_interleave(torch.arange(users, device=hidden.device), offsets[1:] - offsets[:-1])
         probs[rows, excluded] = float("-inf")

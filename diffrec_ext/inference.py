@@ -201,7 +201,8 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
         if available and min(available) < k:
             raise ValueError(f"k = {k} exceeds the {min(available)} items left after excluding a user's history")
     model.eval()
-    device = model.out.weight.device
+    device = model.pos_emb.device
+    weight, bias = model.item_layer()
     generator = torch.Generator(device=device).manual_seed(seed)
     all_ids, all_scores = [], []
     for start in range(0, len(lists), batch_size):
@@ -210,7 +211,7 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
         hidden = predict_h0(model, ids, seeds, method, generator, stride)
         finite = torch.isfinite(hidden).flatten(1).all(1)
         offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
-        scores, items = ops.seed_topk(hidden, model.out.weight, model.out.bias, k, offsets, excluded)
+        scores, items = ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
         all_ids.append(items.cpu())
         all_scores.append(scores.float().cpu())
         _check_finite(finite, start)
@@ -273,14 +274,15 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         _check_history_tensor(histories, model.num_items)
     else:
         _history_lists(histories, model.num_items)  # checks every id, naming its row and position
-    for name, tensor in (("weight", model.out.weight), ("bias", model.out.bias)):
+    weight, bias = model.item_layer()
+    for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise FloatingPointError(f"the model's output {name} holds NaN/Inf: ranks would be meaningless")
     shard_rank, shard_count = shard
     if not 0 <= shard_rank < shard_count:
         raise ValueError(f"shard = {shard} must be (r, P) with 0 <= r < P")
     model.eval()
-    device = model.out.weight.device
+    device = model.pos_emb.device
     generator = torch.Generator(device=device)
     ranks = []
     starts = _shard_starts(count, batch_size, shard)
@@ -311,8 +313,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         else:
             lists = _history_lists(hist, model.num_items) if exclude_seen else None
             offsets, excluded = exclusion(lists, stop - start, exclude_seen, device)
-        rank = ops.seed_target_rank(hidden, model.out.weight, model.out.bias,
-                                    targets[start:stop].to(device), offsets, excluded)
+        rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(device), offsets, excluded)
         ranks.append(rank.cpu())
         _check_finite(finite, start)
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)

@@ -83,6 +83,18 @@ if HAVE_EXTENSION:
             weight.new_empty((weight.shape[0],)),
         )
 
+    @torch.library.register_fake("diffrec_ext::seeded_dropout")
+    def _(input, p, seed):
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+    def _dropout_setup(ctx, inputs, output):
+        _, ctx.p, ctx.seed = inputs
+
+    def _dropout_backward(ctx, grad_out):  # linear in the input: the same mask on the gradient
+        return seeded_dropout(grad_out, ctx.p, ctx.seed), None, None
+
+    torch.library.register_autograd("diffrec_ext::seeded_dropout", _dropout_backward, setup_context=_dropout_setup)
+
     def _denoiser_setup(ctx, inputs, output):
         _, _, steps, sqrt_abar, _, _, padding_mask, noised_positions, add_position, _ = inputs
         ctx.save_for_backward(steps, sqrt_abar, padding_mask)
@@ -155,6 +167,13 @@ def catalog_xent(hidden, weight, bias, targets):
     A target of -1 marks a row whose target lies in another shard of the catalog (loss = lse)."""
     args = _contiguous(hidden, weight, bias, targets)
     return (_ops.catalog_xent if HAVE_EXTENSION else reference.catalog_xent)(*args)
+
+
+def seeded_dropout(input, p: float, seed: int):
+    """Dropout whose mask is a hash of (seed, element index): the same seed gives the same mask
+    on every backend, and the backward pass recomputes it instead of storing it."""
+    (input,) = _contiguous(input)
+    return (_ops.seeded_dropout if HAVE_EXTENSION else reference.seeded_dropout)(input, float(p), int(seed))
 
 
 def exclusion_csr(lists, device=None) -> tuple[torch.Tensor, torch.Tensor]:

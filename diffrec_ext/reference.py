@@ -55,26 +55,36 @@ def denoiser_input(
 ) -> torch.Tensor:
     """Input of the Denoise Sequential Recommender (Eq. 7 and Eq. 14).
 
-    item_emb [B, T, d], pos_emb [T, d], steps [B] in [0, N], sqrt_abar and sqrt_one_minus_abar
-    [N + 1], noise [B, K, d] with K = noised_positions in [0, T], padding_mask [B, T] bool
-    (True = padding) or None.
+    item_emb [B, T, d], pos_emb [T, d], sqrt_abar and sqrt_one_minus_abar [N + 1], noise [B, K, d]
+    with K = noised_positions in [0, T], padding_mask [B, T] bool (True = padding) or None.
+    `steps` in [0, N] is either [B], one step per sequence, or [B, K], one step per noised position.
 
-    out[b, t] = h'[b, t] + pos[t] * add_position + z(steps[b]) * add_step, where
+    One step per sequence (the paper, Eq. 14): n = steps[b] everywhere, and
+    out[b, t] = h'[b, t] + pos[t] * add_position + z(n) * add_step, where
     h'[b, t] = sqrt_abar[n] h[b, t] + sqrt_one_minus_abar[n] noise[b, t - (T - K)] on the last K
-    positions and h[b, t] elsewhere. Padding positions are exactly zero.
+    positions and h[b, t] elsewhere.
+    One step per noised position: the noised position t = T - K + k uses n = steps[b, k] for its
+    noise and its step embedding; the clean positions get no step embedding (they are shared by
+    targets noised at different steps, see model.DSR.forward_two_stream).
+    Padding positions are exactly zero.
     """
     batch, length, dim = item_emb.shape
     acc = acc_dtype(item_emb.dtype)
     h = item_emb.to(acc)
     k = noised_positions
+    per_position = steps.dim() == 2
     if k > 0:
-        a = sqrt_abar.to(acc)[steps][:, None, None]
-        s = sqrt_one_minus_abar.to(acc)[steps][:, None, None]
+        a = sqrt_abar.to(acc)[steps]
+        s = sqrt_one_minus_abar.to(acc)[steps]
+        a, s = (a[:, :, None], s[:, :, None]) if per_position else (a[:, None, None], s[:, None, None])
         noised = a * h[:, length - k :] + s * noise.to(acc)
         h = torch.cat([h[:, : length - k], noised], dim=1)
     if add_position:
         h = h + pos_emb.to(acc)[None]
-    if add_step:
+    if add_step and per_position:
+        z = step_embedding(steps.reshape(-1), dim, acc).reshape(batch, k, dim)
+        h = torch.cat([h[:, : length - k], h[:, length - k :] + z], dim=1)
+    elif add_step:
         h = h + step_embedding(steps, dim, acc)[:, None, :]
     if padding_mask is not None:
         h = h.masked_fill(padding_mask[:, :, None], 0.0)
@@ -90,7 +100,7 @@ def denoiser_input_backward(
     add_position: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of denoiser_input with respect to item_emb [B, T, d] and pos_emb [T, d]
-    (zeros when add_position is False)."""
+    (zeros when add_position is False); `steps` [B] or [B, K] as in denoiser_input."""
     acc = acc_dtype(grad_out.dtype)
     g = grad_out.to(acc)
     if padding_mask is not None:
@@ -99,7 +109,8 @@ def denoiser_input_backward(
     grad_pos = g.sum(0) if add_position else torch.zeros_like(g[0])
     k = noised_positions
     if k > 0:
-        a = sqrt_abar.to(acc)[steps][:, None, None]
+        a = sqrt_abar.to(acc)[steps]
+        a = a[:, :, None] if steps.dim() == 2 else a[:, None, None]
         g = torch.cat([g[:, : length - k], a * g[:, length - k :]], dim=1)
     return g.to(grad_out.dtype), grad_pos.to(grad_out.dtype)
 
@@ -188,3 +199,37 @@ def catalog_xent_backward(grad_loss, hidden, weight, bias, targets, lse):
         grad_weight.to(weight.dtype),
         grad_logits.sum(0).to(weight.dtype),
     )
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding uint32 values (products wrap in
+    int64; their low 32 bits are the uint32 product)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The uint32 random bits (as int64) of element `index` for a seed (csrc/dropout_hash.h)."""
+    seed = seed & 0xFFFFFFFFFFFFFFFF
+    low, high = index & _MASK32, index >> 32
+    h = _fmix32(((low * 0x9E3779B9) & _MASK32) + (seed & _MASK32) & _MASK32)
+    return _fmix32(h ^ ((high * 0x85EBCA77) & _MASK32) ^ (seed >> 32))
+
+
+def seeded_dropout(input: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout with a mask that is a function of (seed, element index) alone: element i (of the
+    contiguous input) is kept iff dropout_bits(seed, i) >= floor(p * 2^32), and kept elements
+    are scaled by 1 / (1 - p). p in [0, 1). The gradient is the same op on the gradient with the
+    same seed. Output in the input's dtype, computed in the accumulation dtype."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    index = torch.arange(input.numel(), dtype=torch.int64, device=input.device).reshape(input.shape)
+    keep = dropout_bits(seed, index) >= math.floor(p * 2.0**32)
+    acc = acc_dtype(input.dtype)
+    return torch.where(keep, input.to(acc) * (1.0 / (1.0 - p)), 0.0).to(input.dtype)

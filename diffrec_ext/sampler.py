@@ -53,22 +53,36 @@ class LossSecondMomentSampler:
         return index + 1, probs[index]
 
     def update(self, steps, losses) -> None:
-        """Record L_n values (one per sequence) for their steps, oldest dropped first."""
+        """Record L_n values for their steps, in order: each step keeps its `history` most recent
+        values (vectorised: one training batch brings thousands with per-position steps)."""
         steps = torch.as_tensor(steps).detach().cpu().numpy().astype(np.int64).ravel()
         losses = torch.as_tensor(losses).detach().to(torch.float64).cpu().numpy().ravel()
         if steps.shape != losses.shape:
             raise ValueError(f"steps and losses must have the same length, got {steps.shape} and {losses.shape}")
         if steps.size and (steps.min() < 1 or steps.max() > self.num_steps):
             raise ValueError(f"steps must be in [1, {self.num_steps}], got range [{steps.min()}, {steps.max()}]")
-        history, counts, cap = self.loss_history, self.counts, self.history
-        for step, loss in zip((steps - 1).tolist(), losses.tolist()):
-            count = counts[step]
-            if count < cap:
-                history[step, count] = loss
-                counts[step] = count + 1
-            else:
-                history[step, :-1] = history[step, 1:]
-                history[step, -1] = loss
+        if not steps.size:
+            return
+        cap = self.history
+        rows = steps - 1
+        order = np.argsort(rows, kind="stable")  # grouped by step, arrival order kept within a step
+        rows, losses = rows[order], losses[order]
+        group_start = np.searchsorted(rows, rows, side="left")
+        group_size = np.bincount(rows, minlength=self.num_steps)[rows]
+        arrival = np.arange(len(rows)) - group_start  # 0-based order within the step
+        kept = arrival >= group_size - cap  # only the last `cap` new values of a step can survive
+        rows, losses, arrival = rows[kept], losses[kept], arrival[kept]
+        arrival -= (group_size[kept] - np.minimum(group_size[kept], cap))
+        # Per step: keep the newest (cap - new) old values, then append the new ones, oldest first.
+        new = np.bincount(rows, minlength=self.num_steps)
+        old_kept = np.minimum(self.counts, cap - np.minimum(new, cap))
+        shift = self.counts - old_kept  # old values dropped from the front
+        columns = np.arange(cap)
+        source = np.minimum(columns[None, :] + shift[:, None], cap - 1)
+        history = np.take_along_axis(self.loss_history, source, axis=1)
+        history[rows, old_kept[rows] + arrival] = losses
+        self.counts = np.minimum(old_kept + new, cap)
+        self.loss_history = np.where(columns[None, :] < self.counts[:, None], history, 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {

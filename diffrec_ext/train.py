@@ -61,14 +61,14 @@ from torch.utils.data import DistributedSampler
 from . import checkpoint as ckpt
 from . import distributed as dd
 from . import ops
-from .data import SequenceDataset, evaluation_batch, item_popularity, training_sequences
+from .data import (TRAIN_MODES, SequenceDataset, evaluation_batch, item_popularity, training_sequences,
+                   training_target_count)
 from .inference import METHODS, shard_users, target_ranks
 from .metrics import KS, popularity_ranks, ranking_metrics
-from .model import DSR, MODEL_KINDS
+from .model import DSR, MODEL_KINDS, STEP_EMBEDDINGS
 from .sampler import LossSecondMomentSampler
 from .schedules import MAX_STEPS, SCHEDULES
 
-TRAIN_MODES = ("prefix", "user")
 IMPORTANCE_LOSSES = ("mse", "total")
 
 
@@ -90,6 +90,7 @@ class TrainConfig:
     norm_embeddings: bool = True  # item vectors on the sphere of radius sqrt(dim) (see model.DSR.item_vectors)
     max_len: int = 50  # T: T - 1 history items + the target slot
     causal: bool = True
+    tie_output: bool = False  # item layer W = the item embeddings (see model.DSR.item_layer)
     # diffusion
     schedule: str = "sqrt"
     num_steps: int = 1000  # N
@@ -97,6 +98,9 @@ class TrainConfig:
     input_scale: float = 1.0  # the forward process runs on input_scale * h0 (1 = the paper; see model.DSR)
     add_position: bool = True
     add_step: bool = True
+    # where z_n goes: "all" positions (Eq. 14), the noised "target" only, or "auto": "target" for
+    # the two-stream modes (window, user), which need it, "all" for prefix
+    step_embedding: str = "auto"
     mse_weight: float = 1.0
     importance_sampling: bool = True  # False: uniform steps
     importance_loss: str = "mse"  # what p_n follows: "mse" = L_n (Eq. 18), "total" = L_n + L_rec
@@ -110,7 +114,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     epochs: int = 50
-    mode: str = "prefix"  # "prefix" | "user"
+    mode: str = "window"  # "window" | "prefix" | "user" (see data.training_sequences)
+    window_stride: int = 0  # window mode: windows start this many items apart; 0 = max_len // 2
     samples_per_epoch: int = 0  # prefix mode: 0 = every prefix each epoch
     patience: int = 0  # early stopping after this many epochs without a better valid NDCG@10; 0 = off
     grad_clip: float = 0.0  # max gradient norm; 0 = off
@@ -201,22 +206,43 @@ class TrainConfig:
         need("batch_size", int, 1)
         need("epochs", int, 1)
         need("mode", str, choices=TRAIN_MODES)
+        need("window_stride", int, 0, self.max_len - 1)
         need("samples_per_epoch", int, 0)
+        need("tie_output", bool)
+        need("step_embedding", str, choices=("auto",) + STEP_EMBEDDINGS)
         need("patience", int, 0)
         need("grad_clip", float, 0.0)
         need("seed", int, 0, 2**63 - 1)
         need("device", str)
         if self.dim % self.heads != 0:
             raise ConfigError(f"dim = {self.dim} must be divisible by heads = {self.heads}")
-        if self.mode == "user" and not self.causal:
-            raise ConfigError("mode 'user' (every position supervised in one pass) needs causal attention")
-        if self.mode == "user" and self.kind == "diffrec" and self.noised_positions != 1:
-            raise ConfigError("mode 'user' noises the target only: use noised_positions = 1 or mode 'prefix'")
+        if self.two_stream and not self.causal:
+            raise ConfigError(f"mode {self.mode!r} (every position supervised in one pass) needs causal attention")
+        if self.two_stream and self.kind == "diffrec" and self.noised_positions != 1:
+            raise ConfigError(f"mode {self.mode!r} noises the target only: use noised_positions = 1 or mode 'prefix'")
+        if self.two_stream and self.kind == "diffrec" and self.step_embedding == "all":
+            raise ConfigError(f"mode {self.mode!r} draws a step per target, so the step embedding goes to the "
+                              "target only: use step_embedding 'target' (or 'auto') or mode 'prefix'")
         if self.inference == "alg2" and self.noised_positions != 1:
             raise ConfigError("inference 'alg2' (reverse process) needs noised_positions = 1")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
+
+    @property
+    def two_stream(self) -> bool:
+        """Every position of a window supervised in one pass (model.DSR.forward_two_stream)."""
+        return self.mode in ("window", "user")
+
+    @property
+    def resolved_step_embedding(self) -> str:
+        if self.step_embedding != "auto":
+            return self.step_embedding
+        return "target" if self.two_stream else "all"
+
+    @property
+    def resolved_window_stride(self) -> int:
+        return self.window_stride or self.max_len // 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,6 +262,7 @@ def build_model(config: TrainConfig, num_items: int) -> DSR:
         num_steps=config.num_steps,
         noised_positions=config.noised_positions, add_position=config.add_position, add_step=config.add_step,
         causal=config.causal, kind=config.kind, input_scale=config.input_scale,
+        step_embedding=config.resolved_step_embedding, tie_output=config.tie_output,
     )
 
 
@@ -274,7 +301,7 @@ def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seed
     arguments). The ranks are summed into one [U] vector on every rank, so every rank returns the
     metrics of the single-process call exactly (each batch draws the same noise either way)."""
     batch = evaluation_batch(dataset, split, model.max_len - 1)
-    device = model.out.weight.device
+    device = model.pos_emb.device
     rank, world_size = dd.rank_and_world_size() if sharded else (0, 1)
     with autocast_context(device, bf16):
         ranks = target_ranks(
@@ -349,95 +376,94 @@ class _Replicas:
 
 
 class _TrainingLoss(nn.Module):
-    """The per-row losses of a batch in one forward: L_rec [R] and, for DiffRec, L_n [R], with
-    `row_of` [R] (the sequence of each supervised row; None in prefix mode, where row = sequence).
-    One module, so that DistributedDataParallel sees every use of the parameters (the item layer
-    and the MSE target are used outside DSR.forward)."""
+    """The per-target losses of a batch in one forward: L_rec [R] and, for DiffRec, L_n [R], with
+    `supervised` ([B, T] bool in the two-stream modes: which window positions the R rows are;
+    None in prefix mode, where row = sequence). One module, so that DistributedDataParallel sees
+    every use of the parameters (the item layer and the MSE target are used outside DSR.forward)."""
 
-    def __init__(self, model: DSR, mode: str):
+    def __init__(self, model: DSR, two_stream: bool):
         super().__init__()
         self.model = model
-        self.mode = mode
+        self.two_stream = two_stream
 
-    def forward(self, history, target, steps, noise):
+    def forward(self, inputs: dict[str, torch.Tensor], steps, noise):
         model = self.model
-        if self.mode == "prefix":
+        if self.two_stream:
+            window, supervised = inputs["window"], inputs["supervised"]
+            out = model.forward_two_stream(*((window, steps, noise) if model.diffusion else (window,)))
+            f, targets = out[supervised], window[supervised]
+        else:
+            history, targets = inputs["history"], inputs["target"]
             if model.diffusion:
-                f = model(model.build_input(history, target), steps, noise)
+                f = model(model.build_input(history, targets), steps, noise)
             else:
                 f = model(model.build_input(history))
-            targets, row_of = target, None
-        else:  # user: window = the last T items of [history, target], every position with history supervised
-            window = torch.cat([history, target[:, None]], dim=1)[:, -model.max_len:]
-            supervised = torch.zeros_like(window, dtype=torch.bool)
-            supervised[:, 1:] = (window[:, 1:] != 0) & (window[:, :-1] != 0)
-            out = model.forward_two_stream(*((window, steps, noise) if model.diffusion else (window,)))
-            f = out[supervised]
-            targets = window[supervised]
-            row_of = supervised.nonzero()[:, 0]
-        rec_rows = ops.catalog_xent(f, model.out.weight, model.out.bias, targets)[0]
+            supervised = None
+        weight, bias = model.item_layer()
+        rec_rows = ops.catalog_xent(f, weight, bias, targets)[0]
         l_n = None
         if model.diffusion:
             h0 = model.item_vectors(targets).detach()  # stop-gradient through the MSE target
             l_n = (f - h0).pow(2).mean(dim=-1)  # averaged over d
-        return rec_rows, l_n, row_of
+        return rec_rows, l_n, supervised
 
 
 def _train_step(loss_module, model: DSR, batch: dict[str, torch.Tensor], config: TrainConfig, sampler,
                 step_gen, noise_gen, device, replicas: _Replicas) -> tuple[torch.Tensor, dict[str, float]]:
     """(this rank's loss to back-propagate, the combined batch's loss parts).
 
-    The loss is normalised by the number of supervised rows of the COMBINED batch and multiplied by
-    P, so that DistributedDataParallel's gradient average gives the gradient of the combined
-    batch's mean loss: the same update as one process on the combined batch. One all-reduce per
-    step carries the row count, the loss sums and the (step, L_n) of every sequence, which every
-    rank feeds to its importance sampler in the combined batch's order: the samplers stay identical
-    and so draw identical steps."""
-    history = batch["history"].to(device)
-    target = batch["target"].to(device)
-    local = history.shape[0]
+    Diffusion steps are drawn per target: one per sequence in prefix mode, one per window position
+    in the two-stream modes (only the supervised positions' draws are used). The loss is
+    normalised by the number of targets of the COMBINED batch and multiplied by P, so that
+    DistributedDataParallel's gradient average gives the gradient of the combined batch's mean
+    loss: the same update as one process on the combined batch. One all-reduce per step carries
+    the target count, the loss sums and the (step, recorded loss) of every target, which every
+    rank feeds to its importance sampler in the combined batch's order: the samplers stay
+    identical and so draw identical steps."""
+    inputs = {key: value.to(device) for key, value in batch.items() if key != "user"}
+    local = batch["user"].shape[0]
     combined = local * replicas.size
+    per_row = model.max_len if config.two_stream else 1  # step draws per row
     steps = importance = noise = None
     if model.diffusion:
         num_steps = model.num_steps
         if sampler is not None:
-            steps, probs = sampler.sample(combined, step_gen)
+            steps, probs = sampler.sample(combined * per_row, step_gen)
         else:
-            steps = torch.randint(1, num_steps + 1, (combined,), generator=step_gen)
-            probs = torch.full((combined,), 1.0 / num_steps, dtype=torch.float64)
-        importance = replicas.mine(1.0 / (num_steps * probs)).to(device=device, dtype=torch.float32)
-        steps = replicas.mine(steps).to(device)
-        noised = model.noised_positions if config.mode == "prefix" else model.max_len
+            steps = torch.randint(1, num_steps + 1, (combined * per_row,), generator=step_gen)
+            probs = torch.full((combined * per_row,), 1.0 / num_steps, dtype=torch.float64)
+        shape = (combined, per_row) if config.two_stream else (combined,)
+        importance = replicas.mine((1.0 / (num_steps * probs)).reshape(shape)).to(device=device, dtype=torch.float32)
+        steps = replicas.mine(steps.reshape(shape)).to(device)
+        noised = model.max_len if config.two_stream else model.noised_positions
         noise = replicas.mine(torch.randn(combined, noised, model.dim, generator=noise_gen, device=device))
 
-    rec_rows, l_n, row_of = loss_module(history, target, steps, noise)
+    rec_rows, l_n, supervised = loss_module(inputs, steps, noise)
     rec_sum = rec_rows.sum()
     mse_sum = None
     if model.diffusion:
-        mse_sum = ((importance if row_of is None else importance[row_of]) * l_n).sum()
+        mse_sum = ((importance if supervised is None else importance[supervised]) * l_n).sum()
 
-    # [rows, rec sum, mse sum] then, with a sampler, 3 slots per sequence of the combined batch
-    # (step, recorded loss, has rows), this rank's at [r::P] and zeros elsewhere.
-    totals = torch.zeros(3 + (3 * combined if sampler is not None else 0), dtype=torch.float64, device=device)
+    # [targets, rec sum, mse sum] then, with a sampler, 3 slots per step draw of the combined batch
+    # (step, recorded loss, used), this rank's rows at [r::P] and zeros elsewhere.
+    totals = torch.zeros(3 + (3 * combined * per_row if sampler is not None else 0), dtype=torch.float64,
+                         device=device)
     totals[0] = rec_rows.shape[0]
     totals[1] = rec_sum.detach()
     if mse_sum is not None:
         totals[2] = mse_sum.detach()
     if sampler is not None:
-        # what the sampler records: L_n (the paper) or L_n + L_rec of the sequence
+        # what the sampler records per target: L_n (the paper) or L_n + L_rec
         recorded = (l_n if config.importance_loss == "mse" else l_n + rec_rows).detach().double()
-        if row_of is None:
-            per_sequence, sequence_rows = recorded, torch.ones_like(recorded)
-        else:  # the mean over a window's supervised positions
-            sequence_rows = torch.bincount(row_of, minlength=local).double()
-            per_sequence = torch.zeros_like(sequence_rows).index_add_(0, row_of, recorded)
-            per_sequence = per_sequence / sequence_rows.clamp(min=1)
-        slots = totals[3:].view(3, combined)
-        slots[:, replicas.rank::replicas.size] = torch.stack([steps.double(), per_sequence,
-                                                                (sequence_rows > 0).double()])
+        used = torch.ones(local, per_row, dtype=torch.bool, device=device) if supervised is None else supervised
+        per_draw = torch.zeros(local, per_row, dtype=torch.float64, device=device)
+        per_draw[used] = recorded
+        slots = totals[3:].view(3, combined, per_row)
+        slots[:, replicas.rank::replicas.size] = torch.stack([steps.reshape(local, per_row).double(), per_draw,
+                                                                used.double()])
     replicas.sum(totals)
     rows = float(totals[0])
-    parts = {"loss_rec": float(totals[1]) / rows}
+    parts = {"targets": rows, "loss_rec": float(totals[1]) / rows}
     scale = replicas.size / rows
     loss = rec_sum * scale
     if mse_sum is not None:
@@ -445,8 +471,8 @@ def _train_step(loss_module, model: DSR, batch: dict[str, torch.Tensor], config:
         loss = loss + config.mse_weight * scale * mse_sum
     parts["loss"] = parts["loss_rec"] + config.mse_weight * parts.get("loss_mse", 0.0)
     if sampler is not None:
-        all_steps, all_losses, has_rows = totals[3:].view(3, combined).cpu()
-        kept = has_rows > 0
+        all_steps, all_losses, used = totals[3:].view(3, -1).cpu()
+        kept = used > 0
         sampler.update(all_steps[kept].round().to(torch.int64), all_losses[kept])
     return loss, parts
 
@@ -631,15 +657,17 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
                                      noise_gen, log, replicas)
     writes = out_dir is not None and replicas.lead
 
-    train_rows = training_sequences(dataset, config.max_len if config.mode == "user" else config.max_len - 1,
-                                    config.mode)
+    train_rows = training_sequences(dataset, config.max_len if config.two_stream else config.max_len - 1,
+                                    config.mode, config.resolved_window_stride if config.mode == "window" else None)
     if len(train_rows) == 0:
         raise ValueError("the dataset has no training sequence (every user needs >= 2 training items)")
+    all_targets = training_target_count(dataset)
     log(f"{config.kind}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_rows):,} "
-        f"training rows ({config.mode} mode), device {device}"
+        f"training rows ({config.mode} mode) supervising {train_rows.num_targets:,} of the {all_targets:,} "
+        f"training targets, device {device}"
         + (f", {replicas.size} processes of {config.batch_size // replicas.size} rows per batch"
            if replicas.size > 1 else ""))
-    loss_module = _TrainingLoss(model, config.mode)
+    loss_module = _TrainingLoss(model, config.two_stream)
     if replicas.size > 1:  # broadcasts rank 0's parameters, then averages the gradients in backward
         loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -679,11 +707,12 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
             if bar is not None:
-                bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items()})
+                bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items() if key != "targets"})
         if bar is not None:
             bar.close()
         num_batches = max(1, math.ceil(len(rows) / local_batch))
         train_seconds = time.perf_counter() - started
+        epoch_targets = int(totals.pop("targets", 0))
         valid = evaluate(model, dataset, "valid", **eval_options)
         ndcg = valid["NDCG@10"]
         improved = ndcg > state.best_metric
@@ -696,6 +725,7 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
             state.stopped_early = True
         record = {
             "epoch": epoch, **{key: value / num_batches for key, value in totals.items()},
+            "coverage": epoch_targets / all_targets, "targets_per_s": round(epoch_targets / train_seconds, 1),
             "valid": valid, "item_emb_norm": model.item_embedding_norm(),
             "item_emb_cos": model.item_embedding_cosine(),
             "out_weight_norm": model.output_weight_norm(),
@@ -718,7 +748,7 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
         loss_text = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_mse", "loss_rec") if k in record)
         log(f"epoch {epoch:3d}  {loss_text}  valid HR@10 {valid['HR@10']:.4f} NDCG@10 {ndcg:.4f}"
             f"{' *' if improved else ''}  |E| {record['item_emb_norm']:.2f} cos {record['item_emb_cos']:.3f}"
-            f"  {record['seconds']:.1f}s")
+            f"  coverage {record['coverage']:.3f}  {record['targets_per_s']:,.0f} targets/s  {record['seconds']:.1f}s")
         stop = callback is not None and callback(record) is True
         # any rank's callback may stop the run (e.g. a time budget), and then every rank stops
         if replicas.sum(torch.tensor([float(stop)], device=device)).item() > 0:

@@ -29,4 +29,5 @@ TORCH_LIBRARY(diffrec_ext, m) {
   m.def(
       "catalog_xent_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  m.def("seeded_dropout(Tensor input, float p, int seed) -> Tensor");
 }

@@ -24,6 +24,7 @@ from diffrec_ext.data import (
     preprocess,
     read_interactions,
     training_sequences,
+    training_target_count,
 )
 from conftest import shared_file
 from diffrec_ext.synthetic import SyntheticConfig, synthetic_dataset, synthetic_interactions, write_synthetic
@@ -402,12 +403,56 @@ def test_user_training_rows_supervise_every_position():
     dataset = dataset_of([[1, 2, 3, 4, 5, 6], [7, 8, 9], [5, 4, 3, 2]])
     rows = training_sequences(dataset, max_len=5, mode="user")
     assert rows.users.tolist() == [0, 2]  # user 1's training part [7] has no (history, target) pair
-    assert rows.histories().tolist() == [[0, 0, 1, 2, 3], [0, 0, 0, 0, 5]]
-    assert rows.targets.tolist() == [4, 4]
-    assert rows.position_targets().tolist() == [[0, 0, 2, 3, 4], [0, 0, 0, 0, 4]]
+    assert rows.histories().tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 5, 4]]
+    assert rows.supervised().tolist() == [[False, False, True, True, True], [False, False, False, False, True]]
+    assert rows.targets.tolist() == [2, 3, 4, 4] and rows.num_targets == 4
     short = training_sequences(dataset, max_len=2, mode="user")  # keeps the most recent items
-    assert short.histories().tolist() == [[2, 3], [0, 5]]
-    assert short.position_targets().tolist() == [[3, 4], [0, 4]]
+    assert short.histories().tolist() == [[3, 4], [5, 4]]
+    assert short.supervised().tolist() == [[False, True], [False, True]]
+
+
+def test_window_rows_cover_every_target_once_with_context():
+    dataset = dataset_of([list(range(1, 13)), [7, 8, 9, 1, 2]])  # training parts: 1..10 and [7, 8, 9]
+    rows = training_sequences(dataset, max_len=4, mode="window", stride=2)
+    assert rows.users.tolist() == [0, 0, 0, 0, 1]
+    assert rows.histories().tolist() == [[1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [7, 8, 9, 10], [0, 7, 8, 9]]
+    assert rows.supervised().tolist() == [[False, True, True, True], [False, False, True, True],
+                                         [False, False, True, True], [False, False, True, True],
+                                         [False, False, True, True]]
+    assert rows.targets.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 8, 9]
+    assert rows.num_targets == training_target_count(dataset) == 11
+    batch = rows.batch(np.array([4, 0]))
+    assert set(batch) == {"user", "window", "supervised"}
+    assert batch["window"].tolist() == [[0, 7, 8, 9], [1, 2, 3, 4]] and batch["supervised"].dtype == torch.bool
+    with pytest.raises(ValueError, match=r"stride must be an int in \[1, max_len - 1 = 3\], got 4"):
+        training_sequences(dataset, max_len=4, mode="window", stride=4)
+    with pytest.raises(ValueError, match="windows need max_len >= 2"):
+        training_sequences(dataset, max_len=1, mode="window")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 9), min_size=3, max_size=40), min_size=1, max_size=6),
+       st.integers(2, 12), st.data())
+def test_window_rows_supervise_every_training_target_exactly_once(sequences, max_len, data):
+    """Property: over random datasets, window lengths and strides, the supervised positions are the
+    training targets (every item of a training part after its first), each exactly once, each
+    holding its own item, with at least max_len - stride items of context (or all the user has)."""
+    stride = data.draw(st.integers(1, max_len - 1))
+    dataset = dataset_of(sequences, num_items=9)
+    rows = training_sequences(dataset, max_len, "window", stride)
+    windows, supervised = rows.histories(), rows.supervised()
+    seen = []
+    for r in range(len(rows)):
+        for position in np.flatnonzero(supervised[r]):
+            index = int(rows.ends[r]) - max_len + int(position)  # the item's place in dataset.items
+            seen.append(index)
+            assert windows[r, position] == dataset.items[index]
+            context = int((windows[r, :position] != 0).sum())
+            assert context >= min(max_len - stride, index - int(rows.starts[r]))
+    starts = dataset.offsets[:-1]
+    expected = [int(start) + t for start, length in zip(starts, dataset.lengths) for t in range(1, length - 2)]
+    assert sorted(seen) == expected  # every training target, none twice
+    assert rows.num_targets == len(expected) == training_target_count(dataset)
 
 
 def test_evaluation_rows_for_valid_and_test():
@@ -424,8 +469,8 @@ def test_evaluation_rows_for_valid_and_test():
 
 def test_bad_batching_arguments():
     dataset = dataset_of([[1, 2, 3]])
-    with pytest.raises(ValueError, match="mode must be 'prefix' or 'user'"):
-        training_sequences(dataset, mode="window")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        training_sequences(dataset, mode="windows")
     with pytest.raises(ValueError, match="max_len must be a positive integer"):
         training_sequences(dataset, max_len=0)
     with pytest.raises(ValueError, match="split must be 'valid' or 'test'"):
@@ -449,12 +494,12 @@ def test_rows_match_a_naive_construction(sequences, max_len):
     expected = [(window(s[:t]), s[t]) for s in sequences for t in range(1, len(s) - 2)]
     assert list(zip(prefix.histories().tolist(), prefix.targets.tolist())) == expected
 
-    user = training_sequences(dataset, max_len, "user")
-    trains = [s[:-2] for s in sequences if len(s) >= 4]
-    assert user.histories().tolist() == [window(t[:-1]) for t in trains]
-    assert user.targets.tolist() == [t[-1] for t in trains]
-    assert user.position_targets().tolist() == [
-        [0 if h == 0 else nxt for h, nxt in zip(window(t[:-1]), window(t[1:]))] for t in trains]
+    if max_len >= 2:
+        user = training_sequences(dataset, max_len, "user")
+        trains = [s[:-2] for s in sequences if len(s) >= 4]
+        assert user.histories().tolist() == [window(t) for t in trains]
+        assert user.supervised().tolist() == [[h != 0 and p > 0 and window(t)[p - 1] != 0
+                                               for p, h in enumerate(window(t))] for t in trains]
 
     for split, cut in (("valid", 2), ("test", 1)):
         rows = evaluation_batch(dataset, split, max_len)
@@ -474,7 +519,8 @@ def test_batches_cover_every_row_once_as_long_tensors():
 
     user_rows = training_sequences(dataset, max_len=4, mode="user")
     batch = next(iterate_batches(user_rows, batch_size=8))
-    assert batch["position_targets"].tolist() == user_rows.position_targets().tolist()
+    assert batch["window"].tolist() == user_rows.histories().tolist()
+    assert batch["supervised"].tolist() == user_rows.supervised().tolist()
 
 
 def test_shuffle_is_seeded_and_advances_between_epochs():

@@ -32,12 +32,13 @@ pytestmark = pytest.mark.skipif(
 WORLD_SIZE = 2
 BASE = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=10, seeds=2, batch_size=16, epochs=2, dropout=0.0,
             eval_batch_size=16, device="cpu")
-# tiny_dataset: 180 prefix rows (12 combined batches, the last of 4 rows), 50 user windows (4 batches,
-# the last of 2); 50 evaluation users in batches of 16 (rank 0 ranks batches 0 and 2, rank 1 1 and 3).
+# tiny_dataset: 180 prefix rows (12 combined batches, the last of 4 rows), 50 windows of stride 3 (4
+# batches, the last of 2; a step drawn per window position); 50 evaluation users in batches of 16
+# (rank 0 ranks batches 0 and 2, rank 1 1 and 3).
 # num_steps = 10: the prefix run's importance sampler gets warm (10 losses per step) within its 360 sequences.
 RUNS = {
-    "prefix": TrainConfig(**BASE, grad_clip=1.0),
-    "user": TrainConfig(**BASE, mode="user", importance_loss="total"),
+    "prefix": TrainConfig(**BASE, mode="prefix", grad_clip=1.0),
+    "window": TrainConfig(**BASE, mode="window", window_stride=3, importance_loss="total"),
     "sasrec": TrainConfig(**{**BASE, "epochs": 1}, kind="sasrec"),
 }
 # Weights after up to 24 Adam steps: float rounding of sums taken in another order; observed
@@ -164,7 +165,7 @@ def test_metrics_of_both_runs_agree(two_processes, one_process, name):
 def test_samplers_saw_every_ranks_losses_in_the_combined_order(two_processes, one_process):
     out_two, _ = two_processes
     out_one, _ = one_process
-    for name in ("prefix", "user"):
+    for name in ("prefix", "window"):
         _, _, two = ckpt.read_run_state(out_two / name)
         _, _, one = ckpt.read_run_state(out_one / name)
         assert torch.equal(two["sampler.counts"], one["sampler.counts"])

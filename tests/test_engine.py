@@ -43,7 +43,8 @@ def checkpoint_dir(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ equality
 @pytest.mark.parametrize("overrides", [
     {}, {"noised_positions": 3}, {"add_step": False}, {"layers": 0}, {"input_scale": 0.5},
-    {"causal": False}, {"kind": "sasrec"},
+    {"causal": False}, {"kind": "sasrec"}, {"step_embedding": "target"}, {"step_embedding": "target", "causal": False},
+    {"tie_output": True}, {"kind": "sasrec", "tie_output": True},
 ])
 @pytest.mark.parametrize("engine_class", [InferenceEngine, EagerEngine])
 def test_alg3_predictions_equal_the_model(engine_class, overrides):
@@ -146,6 +147,20 @@ def test_alg2_equals_a_plain_loop(engine_class, stride, input_scale):
         plain = plain_reverse(model, HISTORIES, 3, noise.reshape(len(visited), -1, model.dim), visited)
     ours = engine_class(model).predict_h0(HISTORIES, seeds=3, algorithm="alg2", stride=stride, noise=noise)
     torch.testing.assert_close(ours, plain.reshape(len(HISTORIES), 3, -1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+@pytest.mark.parametrize("engine_class", [InferenceEngine, EagerEngine])
+def test_alg2_with_the_step_embedding_on_the_target_equals_the_model(engine_class, stride):
+    """A model trained with per-target steps (step_embedding "target"): the engine's reverse
+    process, history computed once for every step, equals the model's own Alg. 2."""
+    model = tiny_model(step_embedding="target", input_scale=0.5)
+    visited = inference.reverse_steps(model.num_steps, stride)
+    noise = torch.randn(len(visited), len(HISTORIES), 3, model.dim, generator=torch.Generator().manual_seed(4))
+    expected = inference.predict_h0(model, model_ids(model, HISTORIES), seeds=3, method="alg2", stride=stride,
+                                    noise=noise)
+    ours = engine_class(model).predict_h0(HISTORIES, seeds=3, algorithm="alg2", stride=stride, noise=noise)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ exclusion

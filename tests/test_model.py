@@ -118,37 +118,61 @@ def test_bidirectional_mask_and_causal_mask():
     assert full.tolist() == [[True, True, True], [False, True, True], [False, True, True]]
 
 
+@pytest.mark.parametrize("tie_output", [False, True])
 @pytest.mark.parametrize("kind", ["diffrec", "sasrec"])
-def test_two_stream_equals_prefix_pass_at_last_position(kind):
-    model = tiny_model(kind)
+def test_two_stream_equals_prefix_pass_at_last_position(kind, tie_output):
+    """The two-stream pass's last row is the prefix pass [w_0 .. w_{T-2}, slot] of the paper's
+    construction, at the same step, in float64."""
+    model = tiny_model(kind, step_embedding="target", tie_output=tie_output).double()
     windows = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13], [1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 0, 2, 4]])
-    steps = torch.tensor([17, 3, 20])
-    noise = torch.randn(3, 8, 16)
-    both = model.forward_two_stream(windows, steps, noise if kind == "diffrec" else None)
+    steps = torch.tensor([[17, 3, 20, 1, 5, 8, 2, 11], [3, 3, 3, 3, 3, 3, 3, 3], [20, 19, 18, 17, 16, 15, 14, 13]])
+    noise = torch.randn(3, 8, 16, dtype=torch.float64)
+    diffusion = kind == "diffrec"
+    both = model.forward_two_stream(*((windows, steps, noise) if diffusion else (windows,)))
     assert both.shape == (3, 8, 16)
-    slot = windows[:, -1] if kind == "diffrec" else None
-    single = model(model.build_input(windows[:, :-1], slot), steps,
-                   noise[:, -1:] if kind == "diffrec" else None)
-    torch.testing.assert_close(both[:, -1], single, rtol=1e-5, atol=1e-5)
+    slot = windows[:, -1] if diffusion else None
+    single = model(model.build_input(windows[:, :-1], slot), steps[:, -1] if diffusion else None,
+                   noise[:, -1:] if diffusion else None)
+    torch.testing.assert_close(both[:, -1], single, rtol=1e-12, atol=1e-12)
 
 
 def test_two_stream_position_t_equals_single_stream_with_slot_at_t():
-    """Row t of the two-stream pass is f_theta for target w_t given w_<t: the causal single-stream
-    pass over [w_0 .. w_{t-1}, noised w_t, ...] read at position t (later positions cannot matter)."""
-    model = tiny_model()
+    """Row t of the two-stream pass is f_theta for target w_t noised at its own step n_t, given
+    w_<t: the causal single-stream pass over [w_0 .. w_{t-1}, w_t noised at n_t, ...] (z_{n_t} on
+    w_t only) read at position t (later positions cannot matter). float64."""
+    model = tiny_model(step_embedding="target").double()
     windows = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13], [1, 2, 3, 4, 5, 6, 7, 8]])
-    steps = torch.tensor([17, 3])
-    noise = torch.randn(2, 8, 16)
+    steps = torch.randint(1, 21, (2, 8))
+    noise = torch.randn(2, 8, 16, dtype=torch.float64)
     both = model.forward_two_stream(windows, steps, noise)
     pad = windows == 0
     with torch.no_grad():
-        clean = model.embed(windows, steps, None, pad, noised_positions=0)
-        noised = model.embed(windows, steps, noise, pad, noised_positions=8)
+        clean = model.embed(windows, torch.zeros(2, dtype=torch.int64), None, pad, noised_positions=0)
+        noised = model.embed(windows, steps, noise, pad, noised_positions=8)  # row t: w_t noised at n_t
         for t in range(8):
             x = torch.cat([clean[:, :t], noised[:, t:t + 1], clean[:, t + 1:]], dim=1)
             single = model.encode(x, pad)[:, t]
             rows = ~pad[:, t]
-            torch.testing.assert_close(both[rows, t], single[rows], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(both[rows, t], single[rows], rtol=1e-12, atol=1e-12)
+
+
+def test_two_stream_needs_the_target_step_embedding():
+    model = tiny_model(step_embedding="all")
+    with pytest.raises(ValueError, match="step_embedding = 'target'"):
+        model.forward_two_stream(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), torch.ones(1, 8, dtype=torch.int64),
+                                 torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("step_embedding", ["all", "target"])
+def test_forward_from_hidden_feeds_the_noised_slot_as_it_is(step_embedding):
+    """Alg. 2's pass f(h_n, n) with h_n given equals the model's pass that noises the slot itself."""
+    model = tiny_model(step_embedding=step_embedding).double()
+    ids = model.build_input(torch.tensor([[1, 2, 3], [0, 4, 5]]))
+    steps, eps = torch.tensor([5, 20]), torch.randn(2, 1, 16, dtype=torch.float64)
+    slot = model.item_vectors(ids[:, -1])
+    h_n = model.sqrt_abar[steps][:, None] * slot + model.sqrt_one_minus_abar[steps][:, None] * eps[:, 0]
+    torch.testing.assert_close(model.forward_from_hidden(ids, steps, h_n), model(ids, steps, eps),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_target_only_noising_and_sasrec_has_no_diffusion():
@@ -249,7 +273,7 @@ def test_target_ranks_match_dense_ranking(exclude_seen):
     targets = torch.tensor([5, 2, 3])
     ranks = target_ranks(model, histories, targets, exclude_seen=exclude_seen, seeds=1)
     with torch.no_grad():
-        logits = model.logits(model(model.build_input(histories)))
+        logits = torch.nn.functional.linear(model(model.build_input(histories)), *model.item_layer())
     for row in range(3):
         candidates = [i for i in range(1, 31) if i != int(targets[row])]
         if exclude_seen:

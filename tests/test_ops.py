@@ -30,13 +30,14 @@ def test_extension_is_built():
 # ----------------------------------------------------------------------------- denoiser input
 
 
-def denoiser_case(batch, length, dim, k, dtype, padded, num_steps=1000, seed=0):
+def denoiser_case(batch, length, dim, k, dtype, padded, num_steps=1000, seed=0, per_position=False):
+    """Inputs of denoiser_input; `per_position`: steps [B, K] (one per noised position), else [B]."""
     gen = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule.create("sqrt", num_steps)
     sa, so = schedule.noising_tables(dtype=torch.float32)
     item = torch.randn(batch, length, dim, generator=gen).to(dtype)
     pos = torch.randn(length, dim, generator=gen).to(dtype)
-    steps = torch.randint(0, num_steps + 1, (batch,), generator=gen)
+    steps = torch.randint(0, num_steps + 1, (batch, k) if per_position else (batch,), generator=gen)
     noise = torch.randn(batch, k, dim, generator=gen).to(dtype)
     mask = None
     if padded:  # left padding: the first (T - len) positions of each row
@@ -51,8 +52,10 @@ def denoiser_case(batch, length, dim, k, dtype, padded, num_steps=1000, seed=0):
 )
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("add_position,add_step", [(True, True), (False, True), (True, False), (False, False)])
-def test_denoiser_input_matches_twin(dtype, batch, length, dim, k, padded, add_position, add_step):
-    item, pos, steps, sa, so, noise, mask = denoiser_case(batch, length, dim, k, dtype, padded)
+@pytest.mark.parametrize("per_position", [False, True])
+def test_denoiser_input_matches_twin(dtype, batch, length, dim, k, padded, add_position, add_step, per_position):
+    item, pos, steps, sa, so, noise, mask = denoiser_case(batch, length, dim, k, dtype, padded,
+                                                          per_position=per_position)
     out = C.denoiser_input(item, pos, steps, sa, so, noise, mask, k, add_position, add_step)
     args64 = [t.double() if t is not None and t.is_floating_point() else t for t in (item, pos, steps, sa, so, noise)]
     expected = ref.denoiser_input(*args64, mask, k, add_position, add_step)
@@ -75,8 +78,9 @@ def test_denoiser_input_large_steps_keep_float32_precision():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,length,dim,k", [(1, 1, 1, 1), (3, 7, 33, 2), (6, 50, 64, 50)])
 @pytest.mark.parametrize("add_position", [True, False])
-def test_denoiser_input_backward_matches_twin(dtype, batch, length, dim, k, add_position):
-    _, _, steps, sa, _, _, mask = denoiser_case(batch, length, dim, k, dtype, True, seed=1)
+@pytest.mark.parametrize("per_position", [False, True])
+def test_denoiser_input_backward_matches_twin(dtype, batch, length, dim, k, add_position, per_position):
+    _, _, steps, sa, _, _, mask = denoiser_case(batch, length, dim, k, dtype, True, seed=1, per_position=per_position)
     grad = torch.randn(batch, length, dim).to(dtype)
     grad_item, grad_pos = C.denoiser_input_backward(grad, steps, sa, mask, k, add_position)
     exp_item, exp_pos = ref.denoiser_input_backward(grad.double(), steps, sa.double(), mask, k, add_position)
@@ -87,8 +91,28 @@ def test_denoiser_input_backward_matches_twin(dtype, batch, length, dim, k, add_
         assert (grad_pos == 0).all()
 
 
-def test_denoiser_input_gradcheck():
-    item, pos, steps, sa, so, noise, mask = denoiser_case(3, 4, 5, 2, torch.float64, True, num_steps=50)
+def test_denoiser_input_per_position_steps():
+    """Steps [B, K]: noised position k uses steps[b, k] for its noise and its step embedding; the
+    clean positions get no step embedding. The table of every step's embedding (made when there
+    are more noised positions than steps) gives the values computed one by one."""
+    item, pos, steps, sa, so, noise, _ = denoiser_case(40, 6, 8, 4, torch.float64, False, num_steps=20,
+                                                       per_position=True)
+    out = C.denoiser_input(item, pos, steps, sa.double(), so.double(), noise, None, 4, True, True)
+    for b in (0, 17, 39):
+        for k in range(4):
+            n = int(steps[b, k])
+            z = ref.step_embedding(torch.tensor([n]), 8)[0]
+            want = sa[n].double() * item[b, 2 + k] + so[n].double() * noise[b, k] + pos[2 + k] + z
+            torch.testing.assert_close(out[b, 2 + k], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[b, :2], item[b, :2] + pos[:2], rtol=1e-12, atol=1e-12)
+    few = C.denoiser_input(item[:2], pos, steps[:2], sa.double(), so.double(), noise[:2], None, 4, True, True)
+    assert torch.equal(few, out[:2])  # computed without the table: the same bits
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_denoiser_input_gradcheck(per_position):
+    item, pos, steps, sa, so, noise, mask = denoiser_case(3, 4, 5, 2, torch.float64, True, num_steps=50,
+                                                          per_position=per_position)
     item.requires_grad_(True)
     pos.requires_grad_(True)
     sa, so = sa.double(), so.double()
@@ -276,6 +300,8 @@ def opcheck_cases():
     return [
         (C.denoiser_input, (grad(item), grad(pos), steps, sa, so, noise, mask, 1, True, True)),
         (C.denoiser_input, (item, pos, steps, sa, so, noise, None, 1, False, True)),
+        (C.denoiser_input, (grad(item), grad(pos), steps[:, None], sa, so, noise, mask, 1, True, True)),
+        (C.seeded_dropout, (grad(item), 0.3, 12345)),
         (C.denoiser_input_backward, (item, steps, sa, mask, 1, True)),
         (C.seed_avg_probs, (hidden, weight, bias)),
         (C.seed_topk, (hidden, weight, bias, 5, offsets, ids)),
@@ -300,6 +326,7 @@ def test_ops_under_torch_compile_fullgraph():
 
     def pipeline(item, pos, hidden, weight, bias):
         x = ops.denoiser_input(item, pos, steps, sa, so, noise, mask, 1, True, True)
+        x = ops.seeded_dropout(x, 0.25, 99)
         loss, _ = ops.catalog_xent(x[:, -1], weight, bias, targets)
         values, indices = ops.seed_topk(hidden, weight, bias, 5)
         ranks = ops.seed_target_rank(hidden, weight, bias, targets)
@@ -328,6 +355,9 @@ def test_bad_denoiser_inputs_are_named():
         call(pos=pos[:3])
     with pytest.raises(RuntimeError, match="noise must be \\[B, noised_positions, d\\]"):
         call(k=2)
+    with pytest.raises(RuntimeError, match=r"steps must be \[B\] = \[2\] or \[B, noised_positions\] = \[2, 1\], "
+                                           r"got shape \[2, 3\]"):
+        call(steps=torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="noised_positions = 5 must be in"):
         call(k=5, noise=torch.randn(2, 5, 8))
     with pytest.raises(RuntimeError, match="item_emb must be float32, float64, bfloat16 or float16"):
@@ -447,3 +477,51 @@ def test_non_differentiable_ops_accept_tensors_that_require_grad():
     values, _ = C.seed_topk(hidden, weight, bias, 4, None, None)
     ranks = C.seed_target_rank(hidden, weight, bias, torch.tensor([1, 2, 3]), None, None)
     assert not torch.isnan(values).any() and ranks.shape == (3,)
+
+
+# ----------------------------------------------------------------------------- seeded dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (5, 4099), (2, 3, 4, 5), (0, 3)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.95])
+def test_seeded_dropout_matches_twin_bit_for_bit(dtype, shape, p):
+    x = torch.randn(shape).to(dtype)
+    seed = 0x1234_5678_9ABC_DEF0 - 2**63  # negative: the seed is 64 bits of any sign
+    out = C.seeded_dropout(x, p, seed)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, ref.seeded_dropout(x, p, seed))
+
+
+def test_seeded_dropout_mask_statistics():
+    x = torch.ones(1 << 20)
+    for p in (0.1, 0.3, 0.5):
+        kept = C.seeded_dropout(x, p, 7) != 0
+        # binomial standard deviation is ~5e-4 here: 6 of them
+        assert abs(kept.double().mean().item() - (1 - p)) < 3e-3
+        values = C.seeded_dropout(x, p, 7)[kept]
+        torch.testing.assert_close(values, torch.full_like(values, 1 / (1 - p)))
+    a, b = (C.seeded_dropout(x, 0.5, seed) != 0 for seed in (1, 2))
+    assert 0.45 < (a == b).double().mean().item() < 0.55  # another seed, an independent mask
+    assert torch.equal(C.seeded_dropout(x, 0.5, 1), C.seeded_dropout(x, 0.5, 1))  # the same seed, the same mask
+    neighbours = (a[1:] == a[:-1]).double().mean().item()  # no correlation between adjacent elements
+    assert 0.49 < neighbours < 0.51
+
+
+def test_seeded_dropout_gradient_reuses_the_mask():
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: ops.seeded_dropout(v, 0.4, 21), (x,))
+    out = ops.seeded_dropout(x, 0.4, 21)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, (out != 0).double() / 0.6)
+
+
+def test_seeded_dropout_bad_input():
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\), got 1"):
+        C.seeded_dropout(torch.ones(3), 1.0, 0)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\), got -0.1"):
+        C.seeded_dropout(torch.ones(3), -0.1, 0)
+    with pytest.raises(RuntimeError, match="input must be float32, float64, bfloat16 or float16"):
+        C.seeded_dropout(torch.ones(3, dtype=torch.int64), 0.5, 0)
+    strided = torch.randn(4, 6)[:, ::2]  # not contiguous: masked in the order of its elements
+    assert torch.equal(C.seeded_dropout(strided, 0.5, 3), C.seeded_dropout(strided.contiguous(), 0.5, 3))

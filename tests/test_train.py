@@ -61,16 +61,16 @@ def test_loss_stops_gradient_through_mse_target_and_uses_importance_weights(data
     from diffrec_ext.data import training_sequences
     from diffrec_ext.sampler import LossSecondMomentSampler
 
-    config = TrainConfig(**{**TINY, "dropout": 0.0}, mse_weight=1.0)
+    config = TrainConfig(**{**TINY, "dropout": 0.0}, mse_weight=1.0, mode="prefix")
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items)
     rows = training_sequences(dataset, config.max_len - 1, "prefix")
     batch = rows.batch(np.arange(16))
     sampler = LossSecondMomentSampler(config.num_steps)
     gen = torch.Generator().manual_seed(0)
-    loss, parts = _train_step(_TrainingLoss(model, config.mode), model, batch, config, sampler, gen,
+    loss, parts = _train_step(_TrainingLoss(model, config.two_stream), model, batch, config, sampler, gen,
                               torch.Generator().manual_seed(1), torch.device("cpu"), _Replicas())
-    assert set(parts) == {"loss", "loss_rec", "loss_mse"}
+    assert set(parts) == {"targets", "loss", "loss_rec", "loss_mse"} and parts["targets"] == 16
     assert parts["loss"] == pytest.approx(parts["loss_rec"] + parts["loss_mse"], rel=1e-5)
     assert int(sampler.counts.sum()) == 16  # one L_n recorded per sequence
     # the MSE alone gives the target's embedding row a gradient only through the noised input
@@ -88,8 +88,32 @@ def test_loss_stops_gradient_through_mse_target_and_uses_importance_weights(data
     assert not torch.allclose(grad_with_stop, model.item_emb.weight.grad[target])
 
 
+def test_window_mode_draws_a_step_per_target_and_feeds_the_sampler_per_position(dataset):
+    from diffrec_ext.data import training_sequences
+    from diffrec_ext.sampler import LossSecondMomentSampler
+
+    config = TrainConfig(**{**TINY, "dropout": 0.0}, mode="window", window_stride=3)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.num_items)
+    assert model.step_embedding == "target"  # "auto" for a two-stream mode
+    rows = training_sequences(dataset, config.max_len, "window", 3)
+    batch = rows.batch(np.arange(20))
+    targets = int(batch["supervised"].sum())
+    sampler = LossSecondMomentSampler(config.num_steps)
+    loss, parts = _train_step(_TrainingLoss(model, config.two_stream), model, batch, config, sampler,
+                              torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                              torch.device("cpu"), _Replicas())
+    assert parts["targets"] == targets and int(sampler.counts.sum()) == targets  # one L_n per target
+    assert torch.isfinite(loss)
+    # the same draws give the same loss; the loss is the mean over targets of L_rec + L_n / (N p_n)
+    again, _ = _train_step(_TrainingLoss(model, config.two_stream), model, batch, config,
+                           LossSecondMomentSampler(config.num_steps), torch.Generator().manual_seed(0),
+                           torch.Generator().manual_seed(1), torch.device("cpu"), _Replicas())
+    assert float(again.detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
 @pytest.mark.parametrize("kind, mode", [("diffrec", "prefix"), ("sasrec", "prefix"), ("diffrec", "user"),
-                                        ("sasrec", "user")])
+                                        ("sasrec", "user"), ("diffrec", "window"), ("sasrec", "window")])
 def test_tiny_training_runs_and_is_repeatable(dataset, kind, mode):
     config = TrainConfig(**TINY, kind=kind, mode=mode)
     first = train(config, dataset, progress=False, log=None)
@@ -108,8 +132,10 @@ def test_run_directory_layout_log_and_best_checkpoint(dataset, tmp_path):
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     for record in lines:
-        assert {"loss", "loss_mse", "loss_rec", "valid", "item_emb_norm", "seconds"} <= set(record)
+        assert {"loss", "loss_mse", "loss_rec", "valid", "item_emb_norm", "seconds", "coverage",
+                "targets_per_s"} <= set(record)
         assert record["item_emb_norm"] > 0
+        assert record["coverage"] == 1.0 and record["targets_per_s"] > 0  # window mode: every target once
     best = max(lines, key=lambda r: r["valid"]["NDCG@10"])
     pointer = json.loads((run / "best.json").read_text())
     assert pointer["epoch"] == result["best_epoch"] == best["epoch"]

@@ -69,23 +69,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "catalog_xent_backward_cpu", [&] {
     CatalogTiles tiles(hidden, weight, bias.has_value() ? *bias : at::Tensor(), acc);
     const int64_t* target_item = target.data_ptr<int64_t>();
-    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
-    const scalar_t* lse_ptr = row_lse.data_ptr<scalar_t>();
     for (int64_t start = 0; start < num_items; start += tiles.tile()) {
       const int64_t count = std::min(tiles.tile(), num_items - start);
       at::Tensor weight_rows = tiles.weight_rows(start, count);
       at::Tensor grad_logits = tiles.logits(start, count, weight_rows);
       scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-      // In place: logits -> (softmax - onehot(target)) * grad_loss.
+      // In place: logits -> (softmax - onehot(target)) * grad_loss; the exponentials through
+      // ATen's vectorised kernel (a scalar std::exp loop was a third of the backward).
+      grad_logits.sub_(row_lse.unsqueeze(1)).exp_();
       at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           scalar_t* row = gl + b * count;
-          for (int64_t i = 0; i < count; ++i) row[i] = std::exp(row[i] - lse_ptr[b]);
           const int64_t column = target_item[b] - start;
           if (target_item[b] >= 0 && column >= 0 && column < count) row[column] -= scalar_t(1);
-          for (int64_t i = 0; i < count; ++i) row[i] *= g_ptr[b];
         }
       });
+      grad_logits.mul_(g.unsqueeze(1));
       grad_hidden_acc.addmm_(grad_logits, weight_rows);
       grad_weight.narrow(0, start, count).copy_(at::mm(grad_logits.t(), tiles.hidden()));
       grad_bias.narrow(0, start, count).copy_(grad_logits.sum(0));

@@ -21,7 +21,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kVectorsPerThread = 2;  // vectors a thread loads before it computes (forward)
 constexpr int kBatchesPerStep = 4;    // samples a thread loads before it computes (backward)
-// Columns of one forward block: its slice of the step embedding lives in shared memory.
+// Columns of one forward block.
 constexpr int64_t kColumnsPerBlock = 1024;
 // Backward: samples per partial sum of grad_pos, at least; fewer partials, less extra traffic.
 constexpr int64_t kMinBatchesPerGroup = 8;
@@ -42,24 +42,49 @@ struct DenoiserInput {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* item;       // [B, T, d]
   const scalar_t* pos;        // [T, d]
-  const int64_t* steps;       // [B]
+  const int64_t* steps;       // [B], or [B, K] when per_position
   const acc_t* sqrt_abar;     // [N + 1], already in the accumulation dtype
   const acc_t* sqrt_one_minus_abar;
+  const acc_t* step_table;    // [N + 1, d] step embeddings, or nullptr without add_step
   const scalar_t* noise;      // [B, K, d]
   const bool* padding;        // [B, T] or nullptr
   scalar_t* out;              // [B, T, d]
   int64_t length, dim, noised;
   int64_t rows_per_block, row_groups, column_blocks;
-  bool add_position, add_step;
+  bool add_position, per_position;
 };
 
-// Block = (sample b, rows [t0, t0 + rows_per_block), columns [c0, c0 + kColumnsPerBlock)). The
-// sinusoidal step embedding of its columns is computed once, in double (n * w_j reaches ~1e3 rad,
-// where a float32 angle has lost several digits), and kept in shared memory.
+// The step of element (b, t): steps[b], or with per-position steps steps[b, t - (T - K)] on the
+// noised positions and -1 (no step embedding) on the clean ones.
+__device__ __forceinline__ int64_t step_of(const int64_t* steps, bool per_position, int64_t b,
+                                           int64_t t, int64_t length, int64_t noised) {
+  if (!per_position) return steps[b];
+  const int64_t k = t - (length - noised);
+  return k >= 0 ? steps[b * noised + k] : -1;
+}
+
+// table[n, j] = z_n(j), the sinusoidal step embedding of every step, computed once per launch in
+// double (n * w_j reaches ~1e3 rad, where a float32 angle has lost several digits).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    step_table_kernel(acc_t* table, int64_t num_steps, int64_t dim) {
+  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= num_steps * dim) return;
+  const int64_t n = e / dim, column = e % dim;
+  constexpr double kLog10000 = 9.210340371976184;  // log(10000), as in reference.step_embedding
+  constexpr double kPi = 3.141592653589793;
+  const double frequency = exp(-kLog10000 * (2.0 * double(column / 2)) / double(dim));
+  // sin(x) = sinpi(x / pi): the reduction of sinpi is exact, so no slow path for large angles.
+  double sine, cosine;
+  sincospi(double(n) * frequency / kPi, &sine, &cosine);
+  table[e] = static_cast<acc_t>(column % 2 == 0 ? sine : cosine);
+}
+
+// Block = (sample b, rows [t0, t0 + rows_per_block), columns [c0, c0 + kColumnsPerBlock)); the
+// step embeddings come from the per-launch table (cached: one row per step).
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInput<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t step_embedding[kColumnsPerBlock];
   const int64_t column_block = blockIdx.x % a.column_blocks;
   const int64_t row_group = (blockIdx.x / a.column_blocks) % a.row_groups;
   const int64_t b = blockIdx.x / (a.column_blocks * a.row_groups);
@@ -67,22 +92,6 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
   const int64_t columns = a.dim - c0 < kColumnsPerBlock ? a.dim - c0 : kColumnsPerBlock;
   const int64_t t0 = row_group * a.rows_per_block;
   const int64_t rows = std::min<int64_t>(a.rows_per_block, a.length - t0);
-  const int64_t step = a.steps[b];
-  if (a.add_step) {
-    constexpr double kLog10000 = 9.210340371976184;  // log(10000), as in reference.step_embedding
-    constexpr double kPi = 3.141592653589793;
-    for (int64_t c = threadIdx.x; c < columns; c += kThreads) {
-      const int64_t column = c0 + c;
-      const double frequency = exp(-kLog10000 * (2.0 * double(column / 2)) / double(a.dim));
-      // sin(x) = sinpi(x / pi): the reduction of sinpi is exact, so no slow path for large angles.
-      double sine, cosine;
-      sincospi(double(step) * frequency / kPi, &sine, &cosine);
-      step_embedding[c] = static_cast<acc_t>(column % 2 == 0 ? sine : cosine);
-    }
-    __syncthreads();
-  }
-  const acc_t signal = a.sqrt_abar[step];
-  const acc_t noise_scale = a.sqrt_one_minus_abar[step];
   const int64_t first_noised = a.length - a.noised;
   // Offsets of element (b, t, column) in item/out, pos and noise differ by per-sample constants.
   const int64_t sample_begin = b * a.length * a.dim;
@@ -93,6 +102,7 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
     Vec<scalar_t, kVec> item[kVectorsPerThread], noise[kVectorsPerThread], pos[kVectorsPerThread];
     int64_t element[kVectorsPerThread];
     int column[kVectorsPerThread];  // within the block
+    int64_t step[kVectorsPerThread];
     bool live[kVectorsPerThread], padded[kVectorsPerThread], noised[kVectorsPerThread];
 #pragma unroll
     for (int u = 0; u < kVectorsPerThread; ++u) {
@@ -103,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
       element[u] = sample_begin + t * a.dim + c0 + column[u];
       live[u] = v < vectors;
       noised[u] = t >= first_noised;
+      step[u] = live[u] ? step_of(a.steps, a.per_position, b, t, a.length, a.noised) : -1;
       padded[u] = live[u] && a.padding != nullptr && a.padding[b * a.length + t];
       if (!live[u] || padded[u]) continue;  // padding is written as zeros, nothing to read
       item[u] = load_vec<scalar_t, kVec>(a.item + element[u]);
@@ -118,9 +129,14 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
         acc_t h = 0;
         if (!padded[u]) {
           h = static_cast<acc_t>(item[u].v[i]);
-          if (noised[u]) h = signal * h + noise_scale * static_cast<acc_t>(noise[u].v[i]);
+          if (noised[u]) {
+            h = a.sqrt_abar[step[u]] * h +
+                a.sqrt_one_minus_abar[step[u]] * static_cast<acc_t>(noise[u].v[i]);
+          }
           if (a.add_position) h += static_cast<acc_t>(pos[u].v[i]);
-          if (a.add_step) h += step_embedding[column[u] + i];
+          if (a.step_table != nullptr && step[u] >= 0) {
+            h += a.step_table[step[u] * a.dim + c0 + column[u] + i];
+          }
         }
         out.v[i] = static_cast<scalar_t>(h);
       }
@@ -133,12 +149,13 @@ template <typename scalar_t>
 struct DenoiserGrad {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* grad_out;  // [B, T, d]
-  const int64_t* steps;      // [B]
+  const int64_t* steps;      // [B], or [B, K] when per_position
   const acc_t* sqrt_abar;    // [N + 1]
   const bool* padding;       // [B, T] or nullptr
   scalar_t* grad_item;       // [B, T, d]
   acc_t* partial_pos;        // [groups, T, d]: per-group sums of the masked gradient
   int64_t batch, length, dim, noised, batches_per_group;
+  bool per_position;
 };
 
 // Thread = one vector of a [T, d] position, looping over the samples of its group (blockIdx.y):
@@ -172,7 +189,9 @@ __global__ void __launch_bounds__(kThreads) denoiser_grad_item_kernel(DenoiserGr
     for (int u = 0; u < kBatchesPerStep; ++u) {
       if (!live[u]) continue;
       const int64_t b = first + u;
-      const acc_t scale = noised ? a.sqrt_abar[a.steps[b]] : acc_t(1);
+      const acc_t scale =
+          noised ? a.sqrt_abar[step_of(a.steps, a.per_position, b, t, a.length, a.noised)]
+                 : acc_t(1);
       Vec<scalar_t, kVec> out;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
@@ -243,7 +262,17 @@ at::Tensor denoiser_input_cuda(const at::Tensor& item_emb, const at::Tensor& pos
         args.dim = dim;
         args.noised = noised_positions;
         args.add_position = add_position;
-        args.add_step = add_step;
+        args.per_position = steps.dim() == 2;
+        const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        at::Tensor table;
+        if (add_step) {
+          const int64_t num_steps = sqrt_abar.size(0);
+          table = at::empty({num_steps, dim}, item.options().dtype(acc_type));
+          step_table_kernel<acc_t><<<(num_steps * dim + kThreads - 1) / kThreads, kThreads, 0,
+                                     stream>>>(table.data_ptr<acc_t>(), num_steps, dim);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          args.step_table = table.data_ptr<acc_t>();
+        }
         const int vec = vector_width<scalar_t>(dim, {args.item, args.pos, args.noise, args.out});
         // About kThreads * kVectorsPerThread vectors per block, rows spread evenly over blocks.
         args.column_blocks = (dim + kColumnsPerBlock - 1) / kColumnsPerBlock;
@@ -253,7 +282,6 @@ at::Tensor denoiser_input_cuda(const at::Tensor& item_emb, const at::Tensor& pos
         args.row_groups = (length + target_rows - 1) / target_rows;
         args.rows_per_block = (length + args.row_groups - 1) / args.row_groups;
         args.row_groups = (length + args.rows_per_block - 1) / args.rows_per_block;
-        const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         if (vec == 1) {
           launch_denoiser_input<scalar_t, 1>(args, batch, stream);
         } else {
@@ -305,6 +333,7 @@ std::tuple<at::Tensor, at::Tensor> denoiser_input_backward_cuda(
         args.length = length;
         args.dim = dim;
         args.noised = noised_positions;
+        args.per_position = steps.dim() == 2;
         const int vec = vector_width<scalar_t>(dim, {args.grad_out, args.grad_item});
         // Split the batch into enough groups to fill the GPU, each still long enough that the
         // partial sums stay a small fraction of the traffic.
