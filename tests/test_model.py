@@ -275,8 +275,10 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     eps = torch.randn(1, 2, 1, 16)
     torch.testing.assert_close(predict_h0(loaded.model, ids, 2, noise=eps), predict_h0(model, ids, 2, noise=eps),
                                rtol=0, atol=0)
-    recs = loaded.recommend(["item-3", "item-4", "unknown"], k=3)
+    recs = loaded.recommend(["item-3", "item-4"], k=3)
     assert len(recs) == 3 and all(r.item.startswith("item-") for r in recs)
+    with pytest.raises(ValueError, match="history: 1 unknown item id.*'unknown'"):
+        loaded.recommend(["item-3", "item-4", "unknown"], k=3)
     assert not {"item-3", "item-4"} & {r.item for r in recs}
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ckpt.CheckpointError):

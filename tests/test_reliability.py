@@ -36,6 +36,7 @@ from diffrec_ext import cli, ops
 from diffrec_ext import reference as ref
 from diffrec_ext.checkpoint import CheckpointError
 from diffrec_ext.data import DataFormatError, load_dataset, preprocess, read_interactions
+from diffrec_ext.engine import InferenceEngine, UnknownItemsError
 from diffrec_ext.inference import Recommender, predict_h0, recommend, target_ranks
 from diffrec_ext.schedules import NoiseSchedule
 from diffrec_ext.synthetic import write_synthetic
@@ -490,7 +491,7 @@ for id_, fn, bad, error, match in [  # where: "inference recommend" unless the i
     ("id-text", lambda ctx: recommend(ctx.model(), [[1, "a"]]), "a string in a dense history", ValueError,
      r"histories\[0\]\[1\] = 'a' is not an integer item id"),
     ("id-fraction", lambda ctx: recommend(ctx.model(), [[1, 2.5]]), "2.5 in a dense history", ValueError,
-     r"histories\[0\]\[1\] = 2.5 is not an integer item id"),
+     r"histories\[0\]\[1\] = 2.5 is not an item id"),
     ("history-3d", lambda ctx: recommend(ctx.model(), torch.ones(2, 2, 2, dtype=torch.int64)),
      "a [2, 2, 2] history tensor", ValueError, r"histories must be a \[B, H\] tensor of item ids, got shape \(2, 2, 2\)"),
     ("history-float", lambda ctx: target_ranks(ctx.model(), torch.ones(2, 3), T(1, 2)), "a float history tensor",
@@ -554,9 +555,73 @@ def long_history(ctx):
 
 def unknown_original_ids(ctx):
     rec = Recommender.from_checkpoint(ctx.run)
-    with_unknown = rec.recommend([rec.item_ids[0], "no-such-item", rec.item_ids[1]], k=3)
-    without = rec.recommend([rec.item_ids[0], rec.item_ids[1]], k=3)
-    assert [r.item for r in with_unknown] == [r.item for r in without]
+    return rec.recommend([rec.item_ids[0], "no-such-item", rec.item_ids[1]], k=3)
+
+
+def histories_of_every_container(ctx):
+    """A tensor, a numpy array, a tuple: the same history as the list, for Recommender and engine."""
+    import numpy as np
+
+    rec = Recommender.from_checkpoint(ctx.run)
+    engine = InferenceEngine.from_checkpoint(ctx.run, device="cpu")
+    items = rec.item_ids[:3]
+    expected = [r.item for r in rec.recommend(list(items), k=5)]
+    assert not set(items) & set(expected)  # the history was read: its items are excluded
+    for history in (torch.tensor(items), np.array(items), tuple(items)):
+        assert [r.item for r in rec.recommend(history, k=5)] == expected
+        assert engine.recommend([history], k=5).items == engine.recommend([list(items)], k=5).items
+
+
+def rec_call(**kwargs):
+    def run(ctx):
+        rec = Recommender.from_checkpoint(ctx.run)
+        history = kwargs.pop("history", rec.item_ids[:2])
+        return rec.recommend(history, **kwargs)
+    return run
+
+
+def engine_call(histories, **kwargs):
+    return lambda ctx: InferenceEngine.from_checkpoint(ctx.run, device="cpu").recommend(histories, **kwargs)
+
+
+for id_, where, fn, bad, match in [
+    ("history-string", "Recommender.recommend", rec_call(history="356"), "the history '356' (a string)",
+     r"history must be a list, tuple, 1-D array or 1-D integer tensor of item ids, got str '356'"),
+    ("history-number", "Recommender.recommend", rec_call(history=3), "the history 3 (a number)",
+     r"history must be a list, tuple, .* got int 3"),
+    ("history-float-id", "Recommender.recommend", rec_call(history=[1, 2.0]), "the id 2.0 in a history",
+     r"history\[1\] = 2\.0 is not an item id \(an int, or a str for original ids\)"),
+    ("history-bool-id", "Recommender.recommend", rec_call(history=[True, 2]), "the id True in a history",
+     r"history\[0\] = True is not an item id"),
+    ("history-nested", "Recommender.recommend", rec_call(history=[[1, 2], 3]), "a list inside a history",
+     r"history\[0\] = \[1, 2\] is not an item id"),
+    ("history-tensor-2d", "Recommender.recommend", rec_call(history=torch.tensor([[1, 2]])), "a [1, 2] tensor",
+     r"history must be a 1-D integer tensor of item ids, got a torch.int64 tensor of shape \(1, 2\)"),
+    ("history-tensor-float", "Recommender.recommend", rec_call(history=torch.tensor([1.0, 2.0])),
+     "a float tensor as a history", r"history must be a 1-D integer tensor of item ids, got a torch.float32 tensor"),
+    ("k-none", "Recommender.recommend", rec_call(k=None), "k = None",
+     r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("k-bool", "Recommender.recommend", rec_call(k=True), "k = True", r"k must be an int in .*, got True"),
+    ("exclude-seen-none", "Recommender.recommend", rec_call(exclude_seen=None), "exclude_seen = None",
+     "exclude_seen must be True or False, got None"),
+    ("seed-text", "Recommender.recommend", rec_call(seed="0"), "seed = '0'", "seed must be an int, got '0'"),
+    ("engine-history-string", "InferenceEngine.recommend", engine_call(["356"]), "histories = ['356']",
+     r"histories\[0\] must be a list, tuple, .* got str '356'"),
+    ("engine-history-nested", "InferenceEngine.recommend", engine_call([[1, [2]]]), "histories = [[1, [2]]]",
+     r"histories\[0\]\[1\] = \[2\] is not an item id"),
+    ("engine-flat-history", "InferenceEngine.recommend", engine_call([1, 2, 3]),
+     "one flat history [1, 2, 3] instead of a list of histories", r"histories\[0\] must be a list, .* got int 1"),
+    ("engine-k-none", "InferenceEngine.recommend", engine_call([[1, 2, 3]], k=None), "k = None",
+     r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("engine-dense-k-none", "InferenceEngine.recommend_dense",
+     lambda ctx: InferenceEngine.from_checkpoint(ctx.run, device="cpu").recommend_dense([[1, 2]], k=None),
+     "k = None", r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("engine-seed-none", "InferenceEngine.recommend", engine_call([[1, 2, 3]], seed=None), "seed = None",
+     "seed must be an int, got None"),
+    ("engine-unknown-ids", "InferenceEngine.recommend", engine_call([[1, 2], [3, 99999]]), "an id the model never saw",
+     r"history 1: 1 unknown item id\(s\): 99999"),
+]:
+    case(f"inference-{id_}", f"inference {where}", bad, fn, ValueError, match)
 
 
 case("inference-empty-history", "inference recommend", "an empty history", empty_history, None,
@@ -566,9 +631,10 @@ case("inference-long-history", "inference recommend", "a history longer than T -
      sees="accepted: the most recent T - 1 items are used (the same ranking as the truncated history); "
           "with exclude_seen every item of the full history is excluded")
 case("inference-unknown-original-ids", "inference Recommender.recommend", "original item ids the model never saw",
-     unknown_original_ids, None,
-     sees="accepted: ignored (Recommender.to_dense returns them); the CLI prints \"ignoring N item ids unknown to the "
-          "model: [...]\" on stderr")
+     unknown_original_ids, UnknownItemsError, r"history: 1 unknown item id\(s\): 'no-such-item'")
+case("inference-history-containers", "inference Recommender.recommend, InferenceEngine.recommend",
+     "a history as a 1-D int tensor, a numpy array or a tuple", histories_of_every_container, None,
+     sees="accepted: read as the same list of item ids (the same top-k as the list)")
 
 
 def model_ids_wrong_width(ctx):
