@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -689,6 +691,15 @@ def truncate(name: str, keep: float = 0.5):
     return change
 
 
+def flip_bit(name: str):
+    """Flips one bit in the last byte of the file: inside the data of its last tensor."""
+    def change(directory: Path):
+        data = bytearray((directory / name).read_bytes())
+        data[-1] ^= 0x01
+        (directory / name).write_bytes(bytes(data))
+    return change
+
+
 def set_item(name, value):
     def edit(tensors):
         tensors[name] = value(tensors[name])
@@ -736,8 +747,63 @@ for id_, bad, change, match in [
      r"missing checkpoint file \S+items\.json"),
     ("weights-file-missing", "model.safetensors deleted", lambda d: (d / ckpt.MODEL_FILE).unlink(),
      r"is neither a checkpoint directory \(model\.safetensors \+ config\.json\) nor a run directory with best\.json"),
+    ("heads-changed", "heads 2 -> 4 in config.json (no tensor shape changes)", edit_config(heads=4),
+     r"config\.json: heads = 4, but model\.safetensors was saved with heads = 2: the config no longer describes "
+     r"these weights"),
+    ("num-steps-changed", "num_steps 20 -> 5 in config.json", edit_config(num_steps=5),
+     r"config\.json: num_steps = 5, but model\.safetensors was saved with num_steps = 20"),
+    ("schedule-changed", "schedule sqrt -> cosine in config.json", edit_config(schedule="cosine"),
+     r"config\.json: schedule = \"cosine\", but model\.safetensors was saved with schedule = \"sqrt\""),
+    ("causal-changed", "causal true -> false in config.json", edit_config(causal=False),
+     r"config\.json: causal = false, but model\.safetensors was saved with causal = true"),
+    ("weights-bit-flip", "one bit flipped inside a tensor of model.safetensors", flip_bit(ckpt.MODEL_FILE),
+     r"model\.safetensors: its sha256 \w+\.\.\. differs from the \w+\.\.\. recorded in config\.json when it was "
+     r"saved: the file was modified or corrupted"),
+    ("weights-resaved", "model.safetensors rewritten with the same tensors (sha256 no longer recorded)",
+     edit_tensors(lambda t: None), r"model\.safetensors: its sha256 \w+\.\.\. differs from the"),
+    ("config-list", "config.json holding a JSON list", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]"),
+     r"config\.json must hold a JSON object, got a list"),
+    ("items-duplicate", "items.json listing one id twice", edit_json(ckpt.ITEMS_FILE, lambda items: [items[1]] + items[1:]),
+     r"items\.json: entry 1 = \S+ repeats entry 0 = \S+: item ids must be unique"),
+    ("items-same-id-as-text", "items.json holding 7 and \"7\"",
+     edit_json(ckpt.ITEMS_FILE, lambda items: [str(items[1])] + items[1:]),
+     r"items\.json: entry 1 = \d+ repeats entry 0 = \"\d+\": item ids must be unique"),
+    ("items-list-entry", "an entry [1, 2] in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: items[:2] + [[1, 2]] + items[3:]),
+     r"items\.json: entry 2 = \[1, 2\] is not an item id \(an int or a string\)"),
+    ("items-null-entry", "an entry null in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [None] + items[1:]),
+     r"items\.json: entry 0 = null is not an item id"),
+    ("items-object-entry", "an entry {} in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [{}] + items[1:]),
+     r"items\.json: entry 0 = \{\} is not an item id"),
+    ("items-bool-entry", "an entry true in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [True] + items[1:]),
+     r"items\.json: entry 0 = true is not an item id"),
 ]:
     case(f"ckpt-{id_}", "checkpoint load_model", bad, corrupt(change), CheckpointError, match)
+
+
+def without_integrity_records(ctx):
+    """A checkpoint as saved before the sha256 and architecture records: loads with a warning,
+    and resave() adds the records."""
+    directory = ctx.copy_checkpoint()
+    edit_json(ckpt.CONFIG_FILE, lambda meta: {k: v for k, v in meta.items() if k != "sha256"})(directory)
+    tensors = load_file(directory / ckpt.MODEL_FILE)
+    save_file(tensors, directory / ckpt.MODEL_FILE, metadata={"format": ckpt.FORMAT})
+    with pytest.warns(UserWarning, match="has no integrity records .* diffrec_ext.checkpoint.resave"):
+        old = ckpt.load_model(directory)[0]
+    ckpt.resave(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = ckpt.load_model(directory)[0]
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    edit_config(heads=4)(directory)
+    with pytest.raises(CheckpointError, match="heads = 4, but model.safetensors was saved with heads = 2"):
+        ckpt.load_model(directory)
+
+
+case("ckpt-no-integrity-records", "checkpoint load_model", "a checkpoint saved before the sha256/architecture records",
+     without_integrity_records, None,
+     sees="accepted with a UserWarning: \"<dir> has no integrity records (saved before diffrec-ext recorded them): "
+          "its config and tensors are checked against each other's shapes only. To add them, load it and save it "
+          "again: diffrec_ext.checkpoint.resave(path)\"; after resave() the records are checked")
 
 
 def broken_pointer(content: str | None, which="best"):
@@ -784,10 +850,14 @@ def resume(change: Callable[[Path, Path], None] | None = None, **config_changes)
 
 
 def drop_state_tensor(name):
+    """A state written without `name` (its sha256 recorded as if it had been saved that way)."""
     def change(run_dir, last):
         tensors = load_file(last / ckpt.STATE_TENSORS_FILE)
         del tensors[name]
         save_file(tensors, last / ckpt.STATE_TENSORS_FILE)
+        state = json.loads((last / ckpt.STATE_FILE).read_text())
+        state["sha256"] = {ckpt.STATE_TENSORS_FILE: hashlib.sha256((last / ckpt.STATE_TENSORS_FILE).read_bytes()).hexdigest()}
+        (last / ckpt.STATE_FILE).write_text(json.dumps(state))
     return change
 
 
@@ -805,6 +875,10 @@ case("resume-other-dataset", "train resume", "resuming on a different dataset", 
      ConfigError, r"cannot resume \S+: it was trained on a different dataset")
 case("resume-state-tensor-missing", "train resume", "state.safetensors without rng.steps",
      resume(drop_state_tensor("rng.steps")), CheckpointError, r"its training state lacks \['rng\.steps'\]")
+case("resume-state-bit-flip", "train resume", "one bit flipped inside a tensor of state.safetensors",
+     resume(lambda run_dir, last: flip_bit(ckpt.STATE_TENSORS_FILE)(last)), CheckpointError,
+     r"state\.safetensors: its sha256 \w+\.\.\. differs from the \w+\.\.\. recorded in state\.json when it was "
+     r"saved: the file was modified or corrupted")
 case("resume-state-truncated", "train resume", "state.safetensors cut in half",
      resume(lambda run_dir, last: truncate(ckpt.STATE_TENSORS_FILE)(last)), CheckpointError,
      r"state\.safetensors is not a valid safetensors file")
