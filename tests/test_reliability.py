@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import gzip
 import hashlib
 import io
 import json
@@ -337,7 +339,6 @@ for id_, name, content, bad, match in [
     ("seq-bare-cr", "seq.txt", "1 2 3\r2 4 5\r3 4 6\r", "old Mac line endings (bare \\r)",
      r"line 1: carriage return \(\\r\) inside the line"),
     ("seq-nul-byte", "seq.txt", "1 2 3\n2 4 5\n3 4\x00 6\n", "a NUL byte in an id", "line 3: non-numeric item id '4\\\\x00'"),
-    ("seq-bom", "seq.txt", "\ufeff1 2 3\n2 4 5\n", "a UTF-8 byte-order mark", r"line 1: non-numeric user id '\\ufeff1'"),
     ("ml-truncated", "ratings.dat", R3 + "1::4::4\n", "a truncated ratings line",
      "line 3: truncated line: 3 of 4 '::'-separated fields"),
     ("ml-tab", "ratings.dat", R3 + "1\t4\t4\t12\n", "tabs in a '::' file", r"line 3: wrong delimiter: found '\\t'"),
@@ -395,8 +396,6 @@ for id_, name, content, bad, match in [
 
 
 def truncated_gzip(ctx):
-    import gzip
-
     body = gzip.compress("".join(f"{u} {u + 1} {u + 2} {u + 3}\n" for u in range(1, 2000)).encode())
     path = ctx.tmp / "seq.txt.gz"
     path.write_bytes(body[: len(body) // 2])
@@ -409,17 +408,51 @@ case("data-unknown-format", "reader read_interactions", "fmt='xml'", read("a.txt
      ValueError, "unknown format 'xml'")
 
 
-def parquet_garbage(ctx):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("a Parquet engine is installed: this case checks the message without one")
-    except ImportError:
-        pass
-    return read("log.parquet", b"PAR1 not really parquet")(ctx)
+def without_parquet_engine(run):
+    """`run` in a process where neither pyarrow nor fastparquet can be imported."""
+    def wrapped(ctx):
+        from unittest import mock
+
+        with mock.patch.dict(sys.modules, {"pyarrow": None, "fastparquet": None}):
+            return run(ctx)
+    return wrapped
 
 
-case("data-parquet-no-engine", "reader read_interactions", "a Parquet file without pyarrow", parquet_garbage,
-     ImportError, "needs a Parquet engine: pip install pyarrow")
+def parquet(frame: dict, **options):
+    """A Parquet file of `frame` (columns as lists; needs pyarrow, which the test extra installs), read."""
+    def run(ctx):
+        import pandas as pd
+
+        pytest.importorskip("pyarrow", reason="writing the Parquet file needs pyarrow (pip install '.[test]')")
+        path = ctx.tmp / "log.parquet"
+        pd.DataFrame(frame).to_parquet(path)
+        return read_interactions(path, **options)
+    return run
+
+
+case("data-parquet-no-engine", "reader read_interactions", "a Parquet file without pyarrow",
+     without_parquet_engine(read("log.parquet", b"PAR1 not really parquet")), ImportError,
+     r"needs a Parquet engine: pip install pyarrow \(or pip install 'diffrec-ext\[parquet\]'\)")
+for id_, frame, bad, match in [
+    ("list-user", {"user": [[1, 2], [3]], "item": [1, 2], "timestamp": [1, 2]}, "a list-typed user column",
+     r"row 1: column 'user' holds ndarray '\[1 2\]' \(mixed values\): ids must be all integers or all strings"),
+    ("list-timestamp", {"user": [1, 1], "item": [1, 2], "timestamp": [[1, 2], [3]]}, "a list-typed timestamp column",
+     r"row 1: column 'timestamp' is not a number or ISO date: ndarray '\[1 2\]'"),
+    ("struct-item", {"user": [1, 1], "item": [{"a": 1}, {"a": 2}], "timestamp": [1, 2]}, "a struct-typed item column",
+     r"row 1: column 'item' holds dict \"\{'a': 1\}\" \(mixed values\)"),
+    ("bool-user", {"user": [True, False], "item": [1, 2], "timestamp": [1, 2]}, "a boolean user column",
+     r"column 'user' is boolean \(dtype bool\); expected ids"),
+    ("bool-timestamp", {"user": [1, 1], "item": [1, 2], "timestamp": [True, False]}, "a boolean timestamp column",
+     r"column 'timestamp' is boolean \(dtype bool\); expected numbers"),
+    ("bytes-user", {"user": [b"a", b"b"], "item": [1, 2], "timestamp": [1, 2]}, "a binary user column",
+     r"row 1: column 'user' holds bytes \"b'a'\" \(bytes values\)"),
+    ("date-item", {"user": [1, 1], "item": [datetime.datetime(2020, 1, d) for d in (1, 2)],
+                   "timestamp": [1, 2]}, "a date-typed item column", r"row 1: column 'item' holds Timestamp"),
+]:
+    case(f"data-parquet-{id_}", "reader read_interactions", bad, parquet(frame), DataFormatError, match)
+case("data-csv-bool-user", "reader read_interactions", "a user column of True/False",
+     read("log.csv", "user,item,timestamp\nTrue,2,3\nFalse,3,4\n"), DataFormatError,
+     r"log\.csv: column 'user' is boolean \(dtype bool\); expected ids")
 case("data-directory", "reader read_interactions", "a directory instead of a file",
      lambda ctx: read_interactions(ctx.tmp, "sequence"), IsADirectoryError, "Is a directory")
 
@@ -453,6 +486,19 @@ def crlf_and_trailing_blank_lines(ctx):
     assert table["item"].tolist() == [2, 3, 3, 4]
 
 
+def byte_order_marks(ctx):
+    """Every text format reads a file with a UTF-8 BOM as the same file without it."""
+    for name, content in (("seq.txt", "1 2 3\n2 4 5\n"), ("x.inter", INTER), ("ratings.dat", R3), ("u.data", "1\t2\t5\t10\n"),
+                          ("log.csv", "user,item,timestamp\n1,2,3\n"), ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,5,10\n")):
+        plain = read(name, content)(ctx)
+        marked = read(name, b"\xef\xbb\xbf" + content.encode())(ctx)
+        assert plain.equals(marked), name
+        gzipped = read(name + ".gz", gzip.compress(b"\xef\xbb\xbf" + content.encode()))(ctx)
+        assert plain.equals(gzipped), name
+
+
+case("data-bom", "reader read_interactions", "a UTF-8 byte-order mark (sequence, .inter, MovieLens, u.data, CSV files)",
+     byte_order_marks, None, sees="accepted in every text format, plain or gzipped: the mark is skipped")
 case("data-crlf", "reader read_interactions", "Windows line endings and trailing blank lines",
      crlf_and_trailing_blank_lines, None, sees="accepted: read as ordinary lines")
 
@@ -929,6 +975,43 @@ no_cuda = Arg("cuda", _no_cuda)
 
 
 TRAIN = ("train", "--data", data_of, "--out", out_of)
+
+
+def _relabelled(ctx) -> Path:
+    """tiny.txt with every item id + 1000: the same number of items, none with the same id."""
+    lines = [line.split() for line in ctx.data.read_text().splitlines()]
+    path = ctx.tmp / "relabelled.txt"
+    path.write_text("".join(" ".join([user] + [str(int(i) + 1000) for i in items]) + "\n" for user, *items in lines))
+    return path
+
+
+relabelled_of = Arg("<tiny.txt with item ids + 1000>", _relabelled)
+
+
+def broken_checkpoint_of(shown: str, change: Callable[[Path], None]) -> Arg:
+    def make(ctx):
+        directory = ctx.copy_checkpoint()
+        change(directory)
+        return directory
+    return Arg(shown, make)
+
+
+def parquet_of(shown: str, **columns) -> Arg:
+    """A Parquet file of three interactions with the given columns replaced."""
+    def make(ctx):
+        import pandas as pd
+
+        pytest.importorskip("pyarrow", reason="writing the Parquet file needs pyarrow (pip install '.[test]')")
+        path = ctx.tmp / "log.parquet"
+        pd.DataFrame({"user": [1, 1, 2], "item": [1, 2, 3], "timestamp": [1, 2, 3], **columns}).to_parquet(path)
+        return path
+    return Arg(shown, make)
+
+
+def _unreadable_parquet(ctx) -> Path:
+    path = ctx.tmp / "log.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    return path
 for id_, argv, match in [
     ("train-dim-text", (*TRAIN, "--dim", "abc"), r"exit 2; stderr: diffrec train: error: argument --dim: invalid int value: 'abc'"),
     ("train-kind", (*TRAIN, "--kind", "bert4rec"), r"exit 2; stderr: .*argument --kind: invalid choice: 'bert4rec'"),
@@ -967,7 +1050,32 @@ for id_, argv, match in [
      r"exit 2; stderr: .*checkpoint path \S+none does not exist"),
     ("evaluate-other-catalog", ("evaluate", "--checkpoint", run_of, "--data", data_of, "--k-core", "4", "--quiet",
                                 "--device", "cpu"),
-     r"exit 2; stderr: .*the dataset's catalog \(\d+ items\) differs from the checkpoint's \(\d+ items\)"),
+     r"exit 2; stderr: .*the dataset's catalog differs from the checkpoint's \(the dataset has \d+ items, the "
+     r"checkpoint \d+\)"),
+    ("evaluate-relabelled-catalog", ("evaluate", "--checkpoint", run_of, "--data", relabelled_of, "--k-core", "2",
+                                     "--quiet", "--device", "cpu"),
+     r"exit 2; stderr: .*the dataset's catalog differs from the checkpoint's \(both have (\d+) items, but \1 ids "
+     r"differ; the first, dense id 1, is '10\d\d' in the dataset and '\d+' in the checkpoint\)"),
+    ("recommend-config-list", ("recommend", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint whose config.json is [1, 2]>", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]")),
+        "--history", "1", "--device", "cpu"),
+     r"exit 2; stderr: .*config\.json must hold a JSON object, got a list"),
+    ("evaluate-config-list", ("evaluate", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint whose config.json is [1, 2]>", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]")),
+        "--device", "cpu"), r"exit 2; stderr: .*config\.json must hold a JSON object, got a list"),
+    ("evaluate-items-list-entry", ("evaluate", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint with [1, 2] in items.json>", edit_json(ckpt.ITEMS_FILE, lambda items: items[:2] + [[1, 2]] + items[3:])),
+        "--device", "cpu"), r"exit 2; stderr: .*items\.json: entry 2 = \[1, 2\] is not an item id"),
+    ("recommend-items-duplicate", ("recommend", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint with an id twice in items.json>", edit_json(ckpt.ITEMS_FILE, lambda items: [items[1]] + items[1:])),
+        "--history", "1", "--device", "cpu"), r"exit 2; stderr: .*items\.json: entry 1 = \S+ repeats entry 0"),
+    ("train-lr-nan", (*TRAIN, "--lr", "nan"), r"exit 2; stderr: .*invalid config: lr must be a finite float, got nan"),
+    ("train-parquet-bool-user", ("train", "--data", parquet_of("<log.parquet with a boolean user column>",
+                                                               user=[True, False, True]), "--out", out_of, *TINY_FLAGS),
+     r"exit 2; stderr: diffrec train: error: \S+log\.parquet: column 'user' is boolean \(dtype bool\); expected ids$"),
+    ("train-parquet-list-item", ("train", "--data", parquet_of("<log.parquet with a list-typed item column>",
+                                                               item=[[1], [2, 3], [4]]), "--out", out_of, *TINY_FLAGS),
+     r"exit 2; stderr: diffrec train: error: \S+log\.parquet: row 1: column 'item' holds ndarray '\[1\]'"),
     ("evaluate-split", ("evaluate", "--checkpoint", run_of, "--split", "train"),
      "exit 2; stderr: .*argument --split: invalid choice: 'train'"),
     ("recommend-unknown-user", ("recommend", "--checkpoint", run_of, "--user", "999999", "--device", "cpu"),
@@ -990,6 +1098,25 @@ for id_, argv, match in [
 ]:
     shown = " ".join(a if isinstance(a, str) else a.shown for a in argv).replace(" ".join(TINY_FLAGS), "<tiny flags>")
     case(f"cli-{id_}", "CLI " + argv[0], shown, cli_case(*argv), CLIExit, match)
+
+
+case("cli-train-parquet-no-engine", "CLI train", "train --data <log.parquet> without pyarrow installed",
+     without_parquet_engine(cli_case("train", "--data", Arg("<log.parquet>", _unreadable_parquet), "--out", out_of)),
+     CLIExit, r"exit 2; stderr: diffrec train: error: reading \S+log\.parquet needs a Parquet engine: pip install "
+              r"pyarrow \(or pip install 'diffrec-ext\[parquet\]'\)$")
+
+
+def evaluate_reproduces_the_run_result(ctx):
+    report = ctx.tmp / "evaluate.json"
+    run_cli("evaluate", "--checkpoint", ctx.run, "--device", "cpu", "--quiet", "--json", report)
+    result = json.loads((ctx.run / "result.json").read_text())
+    assert json.loads(report.read_text())["test"][result["kind"]] == result["test"]
+
+
+case("cli-evaluate-default-seed", "CLI evaluate", "evaluate --checkpoint <run dir> (no --seed, no --batch-size)",
+     evaluate_reproduces_the_run_result, None,
+     sees="accepted: the checkpoint's training seed and eval_batch_size are the defaults, so the test metrics equal "
+          "the run's result.json")
 
 
 def cli_unknown_history(ctx):
