@@ -1,5 +1,6 @@
 """Model, sampler, metrics, inference and checkpoint tests (CPU, small sizes, fast)."""
 
+import dataclasses
 import json
 import math
 
@@ -299,3 +300,20 @@ def test_ops_used_by_model_follow_the_reference():
         got = ops.seed_target_rank(hidden, model.out.weight, model.out.bias, targets, offsets, excluded)
         want = reference.seed_target_rank(hidden, model.out.weight, model.out.bias, targets, offsets, excluded)
     assert got.tolist() == want.tolist()
+
+
+def test_editable_config_fields_load_and_architecture_fields_are_checked(tmp_path):
+    """Every EDITABLE_FIELDS name is a TrainConfig field; editing one in config.json still loads,
+    editing any other field is refused (issue 16)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(ckpt.EDITABLE_FIELDS) <= fields
+    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, seeds=2, device="cpu")
+    directory = ckpt.save_model(tmp_path / "ck", build_model(config, 30), config.to_dict(), list(range(30)))
+    meta = json.loads((directory / "config.json").read_text())
+    meta["config"].update(seeds=7, inference="alg2", seed=3, dropout=0.1)
+    (directory / "config.json").write_text(json.dumps(meta))
+    assert ckpt.load_model(directory)[1].seeds == 7
+    meta["config"]["emb_scale"] = 10.0  # no tensor shape shows it
+    (directory / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match="emb_scale = 10.0, but model.safetensors was saved with emb_scale = 50.0"):
+        ckpt.load_model(directory)

@@ -304,6 +304,55 @@ for id_, op, bad, call, match in [
     case(f"op-{id_}", f"op {op}", bad, lambda ctx, call=call: call(), RuntimeError, match, ext=True)
 
 
+def double_backward(op: str):
+    """A backward through the op's gradient (create_graph=True, as a gradient penalty would)."""
+    def run(ctx):
+        if op == "catalog_xent":
+            hidden = H2.double().requires_grad_()
+            out = ops.catalog_xent(hidden, W.double(), BIAS.double(), TARGETS)[0]
+        else:
+            args = denoiser_args()
+            hidden = args["item_emb"].requires_grad_()
+            out = ops.denoiser_input(*args.values()).pow(2)
+        (grad,) = torch.autograd.grad(out.sum(), hidden, create_graph=True)
+        grad.pow(2).sum().backward()
+    return run
+
+
+def gradients_of_every_output(ctx):
+    """Each floating output's gradient equals the twin's: catalog_xent's loss and lse, seed_avg_probs,
+    seed_topk's values (its ids and seed_target_rank's ranks are integers: they never require grad)."""
+    def grads(fn):
+        leaves = [t.double().requires_grad_() for t in (H, W, BIAS)]
+        fn(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    weights = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
+    for ours, twin in [
+        (lambda h, w, b: sum(o.sum() for o in ops.catalog_xent(h[:, 0], w, b, TARGETS)),
+         lambda h, w, b: sum(o.sum() for o in ref.catalog_xent(h[:, 0], w, b, TARGETS))),
+        (lambda h, w, b: ops.seed_avg_probs(h, w, b)[:, :7].sum(), lambda h, w, b: ref.seed_avg_probs(h, w, b)[:, :7].sum()),
+        (lambda h, w, b: (ops.seed_topk(h, w, b, 7)[0] * weights).sum(),
+         lambda h, w, b: (ref.seed_topk(h, w, b, 7)[0] * weights).sum()),
+    ]:
+        for got, want in zip(grads(ours), grads(twin)):
+            torch.testing.assert_close(got, want)
+    hidden = H.clone().requires_grad_()
+    assert not ops.seed_topk(hidden, W, BIAS, 3)[1].requires_grad
+    assert not ops.seed_target_rank(hidden, W, BIAS, TARGETS).requires_grad
+
+
+for op in ("catalog_xent", "denoiser_input"):
+    case(f"op-{op.replace('_', '-')}-double-backward", f"op {op} (autograd)",
+         "a backward through its gradient (create_graph=True)", double_backward(op), RuntimeError,
+         f"diffrec_ext.ops.{op} has no double backward \\(its gradient kernel is not differentiable\\): "
+         f"differentiate through it once, or use the pure-PyTorch twin diffrec_ext.reference.{op}", ext=True)
+case("op-gradients", "ops (autograd)", "backward through every floating output (catalog_xent's lse, seed_avg_probs, "
+     "seed_topk's values)", gradients_of_every_output, None, ext=True,
+     sees="accepted: the twins' gradients (gradcheck and gradgradcheck of the seed ops in tests/test_ops.py); "
+          "integer outputs (top-k ids, ranks) never require grad")
+
+
 # ------------------------------------------------------------------------------------------ data readers
 
 def read(name: str, content, fmt: str = "auto", **options):
@@ -811,7 +860,7 @@ for id_, bad, change, match in [
      r"config\.json must hold a JSON object, got a list"),
     ("items-duplicate", "items.json listing one id twice", edit_json(ckpt.ITEMS_FILE, lambda items: [items[1]] + items[1:]),
      r"items\.json: entry 1 = \S+ repeats entry 0 = \S+: item ids must be unique"),
-    ("items-same-id-as-text", "items.json holding 7 and \"7\"",
+    ("items-same-id-as-text", "items.json holding one id as a number and as text (2 and \"2\")",
      edit_json(ckpt.ITEMS_FILE, lambda items: [str(items[1])] + items[1:]),
      r"items\.json: entry 1 = \d+ repeats entry 0 = \"\d+\": item ids must be unique"),
     ("items-list-entry", "an entry [1, 2] in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: items[:2] + [[1, 2]] + items[3:]),
