@@ -3,11 +3,19 @@ read back with torch.load, so a checkpoint from anywhere can be opened safely.
 
 A checkpoint is a directory:
 
-    model.safetensors   the model's parameters
-    config.json         {"format", "config" (TrainConfig fields), "num_items", "dataset", "metrics", ...}
-    items.json          original item id of every dense id 1..num_items (index 0 = dense id 1)
+    model.safetensors   the model's parameters; its metadata records the architecture it was saved with
+    config.json         {"format", "config" (TrainConfig fields), "num_items", "sha256", "dataset", ...}
+    items.json          original item id of every dense id 1..num_items (index 0 = dense id 1), unique
     state.safetensors   training state tensors: optimizer moments, sampler history, RNG states
-    state.json          training state scalars: epoch, best metric, history of epoch records, ...
+    state.json          training state scalars: epoch, best metric, history of epoch records, "sha256", ...
+
+Integrity: the JSON file written with each tensor file records its sha256 (config.json for
+model.safetensors, state.json for state.safetensors), and model.safetensors records the
+architecture fields of the config (every field but the training and inference settings in
+EDITABLE_FIELDS, plus num_items). Loading refuses a tensor file whose bytes changed and a config.json
+whose architecture differs from the one the weights were saved with, naming the file. These are
+checks against accidents (bit flips, hand edits), not signatures. Checkpoints saved before these
+records existed still load, with a warning saying how to add them.
 
 The two state files exist only in checkpoints written by the trainer. Every file is written to a
 temporary file in the same directory, fsynced, and moved into place with os.replace. A training
@@ -18,10 +26,13 @@ atomically, so a crash at any moment leaves a consistent run that `resume` can c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,14 @@ STATE_TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 LAST_POINTER = "last.json"
 BEST_POINTER = "best.json"
+
+
+# TrainConfig fields that are training or inference settings: editing them in config.json does not
+# change what the weights compute. Every other field, and num_items, is architecture.
+EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling", "importance_loss", "seeds",
+                   "inference", "eval_exclude_seen", "eval_batch_size", "lr", "weight_decay", "batch_size", "epochs",
+                   "mode", "samples_per_epoch", "patience", "grad_clip", "seed", "device")
+RECORDED_BY = {MODEL_FILE: CONFIG_FILE, STATE_TENSORS_FILE: STATE_FILE}  # tensor file -> JSON with its sha256
 
 
 class CheckpointError(RuntimeError):
@@ -130,10 +149,6 @@ def atomic_write_json(path, obj: Any) -> None:
     atomic_write_bytes(path, _json_bytes(obj))
 
 
-def atomic_write_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, _tensor_bytes(tensors, metadata))
-
-
 def read_json(path) -> Any:
     path = Path(path)
     try:
@@ -144,14 +159,46 @@ def read_json(path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
 
 
-def read_tensors(path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_tensor_file(path: Path) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
+    """(raw bytes, tensors, header metadata) of a safetensors file."""
     try:
-        return st_load(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file {path}") from None
+    try:
+        tensors = st_load(data)
+        (header_size,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a valid safetensors file: {error}") from None
+    return data, tensors, metadata
+
+
+def _check_sha256(path: Path, data: bytes) -> bool:
+    """Compares the file's sha256 with the one recorded beside it (RECORDED_BY); False when none is."""
+    record = path.parent / RECORDED_BY.get(path.name, CONFIG_FILE)
+    content = read_json(record) if record.is_file() else None
+    recorded = content.get("sha256") if isinstance(content, dict) else None
+    expected = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if expected is None:
+        return False
+    actual = _sha256(data)
+    if actual != expected:
+        raise CheckpointError(f"{path}: its sha256 {actual[:16]}... differs from the {str(expected)[:16]}... "
+                              f"recorded in {record.name} when it was saved: the file was modified or corrupted")
+    return True
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, checked against its recorded sha256."""
+    path = Path(path)
+    data, tensors, _ = _read_tensor_file(path)
+    _check_sha256(path, data)
+    return tensors
 
 
 # --------------------------------------------------------------------------- model part
@@ -160,16 +207,23 @@ def save_model(directory, model: torch.nn.Module, config: dict, item_ids, extra:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     item_ids = [_jsonable_id(i) for i in item_ids]
-    meta = {"format": FORMAT, "config": config, "num_items": len(item_ids)}
+    architecture = json.dumps(architecture_of(config, len(item_ids)), sort_keys=True)
+    weights = _tensor_bytes(dict(model.state_dict()), metadata={"format": FORMAT, "architecture": architecture})
+    meta = {"format": FORMAT, "config": config, "num_items": len(item_ids), "sha256": {MODEL_FILE: _sha256(weights)}}
     meta.update(extra or {})
     # all three files are written before any is renamed: overwriting a checkpoint either completes
     # or leaves the previous one whole
     atomic_write_files({
-        directory / MODEL_FILE: _tensor_bytes(dict(model.state_dict()), metadata={"format": FORMAT}),
+        directory / MODEL_FILE: weights,
         directory / ITEMS_FILE: _json_bytes(item_ids),
         directory / CONFIG_FILE: _json_bytes(meta),
     })
     return directory
+
+
+def architecture_of(config: dict, num_items) -> dict:
+    """The fields of a config (as saved in config.json) that decide what the weights compute."""
+    return {**{name: value for name, value in config.items() if name not in EDITABLE_FIELDS}, "num_items": num_items}
 
 
 def _jsonable_id(value):
@@ -209,12 +263,27 @@ def resolve(path, which: str = "best") -> Path:
 def read_meta(path, which: str = "best") -> tuple[Path, dict, list]:
     directory = resolve(path, which)
     meta = read_json(directory / CONFIG_FILE)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{directory / CONFIG_FILE} must hold a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory / CONFIG_FILE}: unknown checkpoint format {meta.get('format')!r}")
     items = read_json(directory / ITEMS_FILE)
     if not isinstance(items, list) or len(items) != meta.get("num_items"):
         raise CheckpointError(f"{directory / ITEMS_FILE} must list {meta.get('num_items')} item ids")
+    _check_item_ids(directory / ITEMS_FILE, items)
     return directory, meta, items
+
+
+def _check_item_ids(path: Path, items: list) -> None:
+    """Item ids are unique ints or strings (1 and "1" count as the same id: Recommender accepts both)."""
+    first_of: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise CheckpointError(f"{path}: entry {index} = {json.dumps(item)} is not an item id (an int or a string)")
+        first = first_of.setdefault(str(item), index)
+        if first != index:
+            raise CheckpointError(f"{path}: entry {index} = {json.dumps(item)} repeats entry {first} = "
+                                  f"{json.dumps(items[first])}: item ids must be unique")
 
 
 def load_model(path, device="cpu", which: str = "best"):
@@ -236,7 +305,10 @@ def load_model(path, device="cpu", which: str = "best"):
 
 
 def load_weights(model: torch.nn.Module, path) -> None:
-    state = read_tensors(path)
+    """Loads a checkpoint's model.safetensors into `model`, after checking its tensors against the
+    model, its recorded architecture against the config.json beside it, and its sha256."""
+    path = Path(path)
+    data, state, metadata = _read_tensor_file(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -253,7 +325,45 @@ def load_weights(model: torch.nn.Module, path) -> None:
                                   f"{expected[name].dtype}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf values")
+    recorded_architecture = _check_architecture(path, metadata.get("architecture"))
+    if not (_check_sha256(path, data) and recorded_architecture):
+        warnings.warn(f"{path.parent} has no integrity records (saved before diffrec-ext recorded them): its "
+                      f"config and tensors are checked against each other's shapes only. To add them, load it "
+                      f"and save it again: diffrec_ext.checkpoint.resave(path)", stacklevel=3)
     model.load_state_dict(state)
+
+
+def _check_architecture(path: Path, recorded_json: str | None) -> bool:
+    """Compares the architecture model.safetensors was saved with to the config.json beside it;
+    False when the file records none."""
+    if recorded_json is None:
+        return False
+    meta = read_json(path.parent / CONFIG_FILE)
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path.parent / CONFIG_FILE}: no model config to check {path.name} against")
+    recorded = json.loads(recorded_json)
+    current = architecture_of(config, meta.get("num_items"))
+    for name in sorted(set(recorded) | set(current)):
+        if recorded.get(name) != current.get(name):
+            raise CheckpointError(
+                f"{path.parent / CONFIG_FILE}: {name} = {json.dumps(current.get(name))}, but {path.name} was saved "
+                f"with {name} = {json.dumps(recorded.get(name))}: the config no longer describes these weights")
+    return True
+
+
+def resave(path, which: str = "best") -> Path:
+    """Rewrites a checkpoint in place with its integrity records (for checkpoints saved before
+    they existed; its config must still describe its weights). Returns the checkpoint directory."""
+    from .train import TrainConfig, build_model
+
+    directory, meta, items = read_meta(path, which)
+    model = build_model(TrainConfig.from_dict(meta["config"]), meta["num_items"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_weights(model, directory / MODEL_FILE)
+    extra = {key: value for key, value in meta.items() if key not in ("format", "config", "num_items", "sha256")}
+    return save_model(directory, model, meta["config"], items, extra)
 
 
 # --------------------------------------------------------------------------- training state
@@ -300,8 +410,9 @@ def write_run_checkpoint(run_dir, epoch: int, model, config: dict, item_ids, ext
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
         save_model(tmp, model, config, item_ids, extra)
-        atomic_write_tensors(tmp / STATE_TENSORS_FILE, state_tensors, metadata={"format": FORMAT})
-        atomic_write_json(tmp / STATE_FILE, state)
+        state_bytes = _tensor_bytes(state_tensors, metadata={"format": FORMAT})
+        atomic_write_bytes(tmp / STATE_TENSORS_FILE, state_bytes)
+        atomic_write_json(tmp / STATE_FILE, {**state, "sha256": {STATE_TENSORS_FILE: _sha256(state_bytes)}})
         if final.exists():  # left over from a run that crashed after writing it: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

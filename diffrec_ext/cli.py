@@ -124,7 +124,7 @@ def _load_dataset(spec: dict):
     try:
         return load_dataset(path, fmt, k_core=spec["k_core"], item_k_core=spec.get("item_k_core"),
                             min_rating=spec.get("min_rating"), **options)
-    except (DataFormatError, ValueError, KeyError) as error:
+    except (DataFormatError, ValueError, KeyError, ImportError) as error:  # ImportError: no Parquet engine
         raise CLIError(str(error)) from None
 
 
@@ -136,9 +136,13 @@ def _add_eval_args(parser):
     group.add_argument("--stride", type=_positive_int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
     group.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                        help="remove each user's history from the ranking (default: the checkpoint's setting)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the inference noise (default 0)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="seed of the inference noise (default: the checkpoint's training seed, with which the "
+                            "run's result.json was evaluated)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    group.add_argument("--batch-size", type=_positive_int, default=256, help="users per inference batch (default 256)")
+    group.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="users per evaluation batch; each batch draws its own noise (default: the checkpoint's "
+                            "eval_batch_size)")
 
 
 CONFIG_CHOICES: dict = {}
@@ -400,12 +404,24 @@ def _load_checkpoint(path, device):
         raise CLIError(str(error)) from None
 
 
+def _seed(args, config) -> int:
+    return config.seed if args.seed is None else args.seed
+
+
 def _check_catalog(recommender, dataset):
-    items = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
+    items = [str(dataset.item_original_ids[i]) for i in range(1, dataset.num_items + 1)]
     mine = [str(i) for i in recommender.item_ids]
-    if len(items) != len(mine) or [str(i) for i in items] != mine:
-        raise CLIError(f"the dataset's catalog ({dataset.num_items:,} items) differs from the checkpoint's "
-                       f"({len(mine):,} items): preprocess the data the same way as for training")
+    if items == mine:
+        return
+    if len(items) != len(mine):
+        difference = f"the dataset has {len(items):,} items, the checkpoint {len(mine):,}"
+    else:
+        unequal = [i for i, (a, b) in enumerate(zip(items, mine)) if a != b]
+        first = unequal[0]
+        difference = (f"both have {len(mine):,} items, but {len(unequal):,} ids differ; the first, dense id "
+                      f"{first + 1}, is {items[first]!r} in the dataset and {mine[first]!r} in the checkpoint")
+    raise CLIError(f"the dataset's catalog differs from the checkpoint's ({difference}): preprocess the data the "
+                   f"same way as for training")
 
 
 def cmd_evaluate(args) -> int:
@@ -427,7 +443,8 @@ def cmd_evaluate(args) -> int:
         t0 = time.perf_counter()
         try:
             metrics = evaluate(rec.model, dataset, split, seeds=seeds, method=method, exclude_seen=exclude,
-                               seed=args.seed, stride=args.stride, batch_size=args.batch_size, progress=not args.quiet)
+                               seed=_seed(args, config), stride=args.stride,
+                               batch_size=args.batch_size or config.eval_batch_size, progress=not args.quiet)
         except ValueError as error:
             raise CLIError(str(error)) from None
         report[split] = {"popularity": popularity_metrics(dataset, split, exclude), config.kind: metrics,
@@ -508,7 +525,8 @@ def cmd_recommend(args) -> int:
     seeds = args.seeds or config.seeds
     try:
         rows = rec.recommend_dense([dense], k=args.k, exclude_seen=exclude, titles=titles, seeds=seeds,
-                                   method=args.method or config.inference, seed=args.seed, stride=args.stride)[0]
+                                   method=args.method or config.inference, seed=_seed(args, config),
+                                   stride=args.stride)[0]
     except ValueError as error:
         raise CLIError(str(error)) from None
     if args.json:

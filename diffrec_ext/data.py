@@ -64,6 +64,7 @@ __all__ = [
 
 FORMATS = ("sequence", "movielens", "recbole", "csv", "parquet")
 GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors write at the start of UTF-8 files
 PARQUET_MAGIC = b"PAR1"
 MIN_SEQUENCE_LENGTH = 3  # leave-one-out needs a training item, a validation target and a test target
 
@@ -104,6 +105,7 @@ def _load_text_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     if raw[:2] == GZIP_MAGIC or path.suffix == ".gz":
         raw = _gunzip(path, raw)
+    raw = raw.removeprefix(UTF8_BOM)
     end = len(raw)
     while end and raw[end - 1] in b"\r\n":
         end -= 1
@@ -386,6 +388,36 @@ def _numeric_values(column: pd.Series, allow_dates: bool) -> np.ndarray:
     return numbers.to_numpy(np.float64)
 
 
+_ID_KINDS = ("integer", "string", "floating", "mixed-integer-float", "empty")  # pandas.api.types.infer_dtype
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (str, int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _shown(value) -> str:
+    return f"{str(value)!r}" if pd.api.types.is_scalar(value) else _typed(value)
+
+
+def _typed(value) -> str:
+    return f"{type(value).__name__} {str(value)!r:.40}"
+
+
+def _id_column_problem(column: pd.Series) -> tuple[int, str] | None:
+    """(row, problem) when an id column is not all integers or all strings (lists, structs, bytes,
+    booleans, dates, or a mix); None when it is."""
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind in _ID_KINDS:
+        return None
+    present = [(row, value) for row, value in enumerate(column) if not (pd.api.types.is_scalar(value) and pd.isna(value))]
+    row, value = next(((row, value) for row, value in present if not _is_id(value)), (None, None))
+    if row is None:  # scalar ids of different types: the first that differs from the first id
+        first = isinstance(present[0][1], str)
+        row, value = next((row, value) for row, value in present if isinstance(value, str) != first)
+    return row, f"holds {_typed(value)} ({kind} values): ids must be all integers or all strings"
+
+
 def _table_from_columns(path: Path, fmt: str, frame: pd.DataFrame, user_col, item_col, time_col,
                         rating_col, line_of_row) -> pd.DataFrame:
     """Checks the named columns of a CSV/Parquet frame; `line_of_row(i)` is the file line of row i,
@@ -397,9 +429,16 @@ def _table_from_columns(path: Path, fmt: str, frame: pd.DataFrame, user_col, ite
                               1 if fmt == "csv" else None)
     if len(frame) == 0:
         raise DataFormatError(path, "has a header but no interactions")
+    def fail(name: str, row: int, problem: str):
+        line = line_of_row(row) if line_of_row else None
+        raise DataFormatError(path, f"{'' if line else f'row {row + 1}: '}column {name!r} {problem}", line)
+
     values = {}
     for name in needed:
         column = frame[name]
+        if pd.api.types.is_bool_dtype(column):
+            raise DataFormatError(path, f"column {name!r} is boolean (dtype {column.dtype}); expected "
+                                        f"{'ids' if name in (user_col, item_col) else 'numbers'}")
         if name in (time_col, rating_col):
             values[name] = _numeric_values(column, allow_dates=name == time_col)
             bad = ~np.isfinite(values[name].astype(np.float64))
@@ -410,10 +449,12 @@ def _table_from_columns(path: Path, fmt: str, frame: pd.DataFrame, user_col, ite
             row = int(np.flatnonzero(bad)[0])
             value = column.iloc[row]
             expected = "a number or ISO date" if name == time_col else "a number"
-            what = "missing" if pd.isna(value) else f"not {expected}: {str(value)!r}"
-            line = line_of_row(row) if line_of_row else None
-            where = "" if line else f"row {row + 1}: "
-            raise DataFormatError(path, f"{where}column {name!r} is {what}", line)
+            fail(name, row, "is missing" if pd.api.types.is_scalar(value) and pd.isna(value)
+                 else f"is not {expected}: {_shown(value)}")
+        if name in (user_col, item_col):
+            problem = _id_column_problem(column)
+            if problem:
+                fail(name, *problem)
     users = values[user_col]
     timestamp = values[time_col] if time_col is not None else _positions_within_user(users)
     rating = values[rating_col] if rating_col is not None else None
@@ -465,8 +506,9 @@ def read_parquet_interactions(path, *, user_col: str = "user", item_col: str = "
     path = Path(path)
     try:
         frame = pd.read_parquet(path)
-    except ImportError as error:
-        raise ImportError(f"reading {path} needs a Parquet engine: pip install pyarrow") from error
+    except ImportError:
+        raise ImportError(f"reading {path} needs a Parquet engine: pip install pyarrow "
+                          f"(or pip install 'diffrec-ext[parquet]')") from None
     return _table_from_columns(path, "parquet", frame, user_col, item_col, time_col, rating_col,
                                None)
 
@@ -480,14 +522,14 @@ def detect_format(path) -> str:
     path = Path(path)
     name = path.name.lower().removesuffix(".gz")
     with open(path, "rb") as handle:
-        head = handle.read(4096)
+        head = handle.read(4096).removeprefix(UTF8_BOM)
     if head[:4] == PARQUET_MAGIC or name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith(".inter"):
         return "recbole"
     if head[:2] == GZIP_MAGIC:
         try:
-            head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head)
+            head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head).removeprefix(UTF8_BOM)
         except zlib.error:
             return "sequence"  # the reader reports the broken gzip stream
     first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()

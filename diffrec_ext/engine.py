@@ -38,21 +38,12 @@ import numpy as np
 import torch
 
 from . import ops, reference
-from .inference import METHODS, Recommender, exclusion, posterior, reverse_steps
+from .inference import (METHODS, Recommender, UnknownItemsError, check_flag, check_k, check_seed, exclusion,
+                        history_items, posterior, reverse_steps)
 from .model import DSR, PAD, attention_mask, padding_mask_of
 
 ALGORITHMS = METHODS  # "alg3": one denoiser pass per seed; "alg2": the reverse process
 SCORING_METHODS = ("auto", "kernel", "user_chunks")
-
-
-class UnknownItemsError(ValueError):
-    """A history holds item ids the model's catalog does not know."""
-
-    def __init__(self, row: int, unknown: list):
-        self.row = row
-        self.unknown = unknown
-        shown = ", ".join(repr(item) for item in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        super().__init__(f"history {row}: {len(unknown)} unknown item id(s): {shown}")
 
 
 @dataclass
@@ -430,14 +421,13 @@ class _EngineBase:
     def to_dense(self, histories: Sequence[Sequence]) -> list[list[int]]:
         """Dense ids of histories given in the dataset's own item ids; UnknownItemsError names the
         first history with ids the catalog does not know."""
+        histories = [history_items(history, f"histories[{row}]") for row, history in enumerate(histories)]
         if self.item_ids is None:
-            return [list(history) for history in histories]  # no id map: the ids are the model's own
+            return histories  # no id map: the ids are the model's own
         catalog = self._catalog_map()
         dense_histories = []
         for row, history in enumerate(histories):
-            if isinstance(history, (str, bytes)):
-                raise ValueError(f"history {row} must be a sequence of item ids, got a string")
-            dense, unknown = catalog.to_dense(list(history))
+            dense, unknown = catalog.to_dense(history)
             if unknown:
                 raise UnknownItemsError(row, unknown)
             dense_histories.append(dense)
@@ -458,9 +448,7 @@ class _EngineBase:
             histories = [row[row != PAD] for row in table]
         arrays = []
         for row, history in enumerate(histories):
-            if isinstance(history, (str, bytes)):
-                raise ValueError(f"history {row} must be a sequence of item ids, got a string")
-            array = np.asarray(history)
+            array = np.asarray(history_items(history, f"histories[{row}]"))
             if array.size == 0:
                 arrays.append(np.zeros(0, dtype=np.int64))
                 continue
@@ -474,22 +462,24 @@ class _EngineBase:
         return arrays
 
     # ----------------------------------------------------------------- options
-    def _options(self, k, seeds, algorithm, stride, arrays, exclude_seen) -> tuple[int, str]:
+    def _check_k(self, k, arrays, exclude_seen) -> None:
+        check_k(k, self.num_items)
+        check_flag("exclude_seen", exclude_seen)
+        if exclude_seen:
+            for row, array in enumerate(arrays):
+                left = self.num_items - len(np.unique(array))
+                if left < k:
+                    raise ValueError(f"k = {k} exceeds the {left} items left after excluding the "
+                                     f"history of user {row}")
+
+    def _options(self, seeds, algorithm, stride, seed=0) -> tuple[int, str]:
         seeds = self.default_seeds if seeds is None else seeds
         algorithm = self.default_algorithm if algorithm is None else algorithm
         if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
             raise ValueError(f"seeds must be a positive int, got {seeds!r}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        if k is not None:
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_items:
-                raise ValueError(f"k must be an int in [1, num_items = {self.num_items}], got {k!r}")
-            if exclude_seen:
-                for row, array in enumerate(arrays):
-                    left = self.num_items - len(np.unique(array))
-                    if left < k:
-                        raise ValueError(f"k = {k} exceeds the {left} items left after excluding the "
-                                         f"history of user {row}")
+        check_seed(seed)
         if not self.model.diffusion:
             return 1, "alg3"  # SASRec: one deterministic pass
         if algorithm == "alg2":
@@ -501,7 +491,7 @@ class _EngineBase:
     def check_options(self, seeds: int | None = None, algorithm: str | None = None, stride: int = 1) -> tuple[int, str]:
         """(seeds, algorithm) as a call would use them; ValueError for a bad seeds, algorithm or
         stride. SASRec models always run one deterministic pass: (1, "alg3")."""
-        return self._options(None, seeds, algorithm, stride, [], False)
+        return self._options(seeds, algorithm, stride)
 
     def _plan(self, algorithm: str, rows: int, seeds: int, stride: int) -> _StepPlan:
         key = (algorithm, rows, seeds, stride)
@@ -633,7 +623,8 @@ class _EngineBase:
         """As `recommend`, with histories and results in the model's dense ids (1..num_items):
         (ids [B, k] int64, scores [B, k] float32), on the CPU."""
         arrays = self._dense_arrays(histories)
-        seeds, algorithm = self._options(k, seeds, algorithm, stride, arrays, exclude_seen)
+        self._check_k(k, arrays, exclude_seen)
+        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
         users = len(arrays)
         out_ids = torch.zeros(users, k, dtype=torch.int64)
         out_scores = torch.zeros(users, k, dtype=torch.float32)
@@ -679,7 +670,7 @@ class _EngineBase:
         [B, S, d] float32 on the CPU. `noise` fixes the draws, in inference.predict_h0's shapes
         (Alg. 3 [B, S, K, d], Alg. 2 [m, B, S, d], m = visited steps)."""
         arrays = self._dense_arrays(histories)
-        seeds, algorithm = self._options(None, seeds, algorithm, stride, arrays, False)
+        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
         users = len(arrays)
         if users == 0:
             raise ValueError("no histories: give at least one")

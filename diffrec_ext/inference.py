@@ -108,10 +108,58 @@ def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "al
     return h.reshape(batch, seeds, dim)
 
 
+class UnknownItemsError(ValueError):
+    """A history holds item ids the model's catalog does not know."""
+
+    def __init__(self, row: int, unknown: list, name: str | None = None):
+        self.row = row
+        self.unknown = unknown
+        shown = ", ".join(repr(item) for item in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        super().__init__(f"{name or f'history {row}'}: {len(unknown)} unknown item id(s): {shown}")
+
+
+def history_items(history, name: str = "history") -> list:
+    """One history as a list of item ids, checked where it enters the Python API (Recommender and
+    the engines): a list, tuple, 1-D numpy array or 1-D integer tensor of ints, or of strs for
+    original ids. A string, a number, a bool or nested sequences are a ValueError naming `name`."""
+    if isinstance(history, torch.Tensor):
+        if history.dim() != 1 or history.dtype.is_floating_point or history.dtype.is_complex \
+                or history.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor of item ids, got a {history.dtype} tensor "
+                             f"of shape {tuple(history.shape)}")
+        return history.tolist()
+    if isinstance(history, np.ndarray):
+        if history.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D array of item ids, got shape {history.shape}")
+        history = history.tolist()
+    elif not isinstance(history, (list, tuple)):
+        raise ValueError(f"{name} must be a list, tuple, 1-D array or 1-D integer tensor of item ids, "
+                         f"got {type(history).__name__} {history!r:.60}")
+    for position, item in enumerate(history):
+        if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer, str)):
+            raise ValueError(f"{name}[{position}] = {item!r:.60} is not an item id (an int, or a str for "
+                             f"original ids)")
+    return list(history)
+
+
+def check_k(k, num_items: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_items:
+        raise ValueError(f"k must be an int in [1, num_items = {num_items}], got {k!r}")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _dense_id(value, row: int, position: int, num_items: int) -> int:
     """One dense item id of a history list, checked: an integer in [0, num_items] (0 = padding)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
-            or (isinstance(value, (float, np.floating)) and not float(value).is_integer()):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"histories[{row}][{position}] = {value!r} is not an integer item id")
     item = int(value)
     if not 0 <= item <= num_items:
@@ -176,13 +224,12 @@ def exclusion(histories: Sequence[Sequence[int]] | None, batch: int, exclude_see
     return ops.exclusion_csr(lists, device=device)
 
 
-def _history_lists(histories, num_items: int | None = None) -> list[list[int]]:
+def _history_lists(histories, num_items: int) -> list[list[int]]:
     if isinstance(histories, torch.Tensor):
         return [[int(i) for i in row if int(i) > 0] for row in histories.cpu()]
-    if num_items is None:
-        return [[int(i) for i in row if int(i) > 0] for row in histories]
+    rows = [history_items(row, f"histories[{index}]") for index, row in enumerate(histories)]
     return [[item for position, value in enumerate(row) if (item := _dense_id(value, index, position, num_items)) > 0]
-            for index, row in enumerate(histories)]
+            for index, row in enumerate(rows)]
 
 
 @torch.no_grad()
@@ -190,8 +237,9 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
               method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256):
     """Top-k dense item ids and their seed-averaged probabilities for each history:
     (ids [B, k] int64, scores [B, k] float32), on the CPU."""
-    if not isinstance(k, int) or not 1 <= k <= model.num_items:
-        raise ValueError(f"k must be an int in [1, num_items = {model.num_items}], got {k!r}")
+    check_k(k, model.num_items)
+    check_flag("exclude_seen", exclude_seen)
+    check_seed(seed)
     _check_batch_size(batch_size)
     if isinstance(histories, torch.Tensor):
         _check_history_tensor(histories, model.num_items)
@@ -250,6 +298,8 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
                          f"[1, {model.num_items}]")
     if (seen_offsets is None) != (seen_items is None):
         raise ValueError("give both seen_offsets and seen_items, or neither")
+    check_flag("exclude_seen", exclude_seen)
+    check_seed(seed)
     _check_batch_size(batch_size)
     if seen_offsets is not None:
         seen_offsets = torch.as_tensor(seen_offsets, dtype=torch.int64)
@@ -395,6 +445,9 @@ class Recommender:
 
     def recommend(self, history: Sequence, k: int = 10, exclude_seen: bool = True, titles: dict | None = None,
                   **options) -> list[Recommendation]:
-        """Top-k for one history of original item ids (unknown ids are ignored; see to_dense)."""
-        dense, _ = self.to_dense(history)
+        """Top-k for one history of original item ids (see history_items for what a history may be);
+        UnknownItemsError names the ids the model does not know."""
+        dense, unknown = self.to_dense(history_items(history))
+        if unknown:
+            raise UnknownItemsError(0, unknown, "history")
         return self.recommend_dense([dense], k=k, exclude_seen=exclude_seen, titles=titles, **options)[0]

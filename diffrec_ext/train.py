@@ -158,7 +158,8 @@ class TrainConfig:
             else:
                 ok = isinstance(value, kind)
             if not ok:
-                raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+                what = "a finite float" if kind is float else kind.__name__
+                raise ConfigError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
             if choices is not None and value not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
             if low is not None and value < low:
@@ -503,9 +504,10 @@ def _generator_tensors(step_gen: torch.Generator, noise_gen: torch.Generator) ->
 
 
 def _on_cpu(value):
-    """`value` with every tensor in it (dicts, lists) copied to the CPU, for broadcast_object_list."""
+    """`value` with every tensor in it (dicts, lists) copied to the CPU, for broadcast_object_list and
+    the best epoch's weights. Always a copy: .cpu() of a CPU tensor would share its storage."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {key: _on_cpu(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -218,8 +218,9 @@ def test_checkpoint_engine_speaks_original_ids(checkpoint_dir):
     (dict(algorithm="ddim"), "algorithm must be one of"),
     (dict(algorithm="alg2", stride=0), "stride must be an int"),
     (dict(histories=[[1, 41]]), "item id 41 is out of range"),
-    (dict(histories=[[1.5, 2]]), "integer item ids"),
-    (dict(histories=["12"]), "got a string"),
+    (dict(histories=[[1.5, 2]]), r"histories\[0\]\[0\] = 1.5 is not an item id"),
+    (dict(histories=[["a", 2]]), "integer item ids"),
+    (dict(histories=["12"]), r"histories\[0\] must be a list, .* got str '12'"),
 ])
 def test_bad_requests_are_clear_errors(call, message):
     engine = InferenceEngine(tiny_model())

@@ -1,5 +1,6 @@
 """Model, sampler, metrics, inference and checkpoint tests (CPU, small sizes, fast)."""
 
+import dataclasses
 import json
 import math
 
@@ -299,8 +300,10 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     eps = torch.randn(1, 2, 1, 16)
     torch.testing.assert_close(predict_h0(loaded.model, ids, 2, noise=eps), predict_h0(model, ids, 2, noise=eps),
                                rtol=0, atol=0)
-    recs = loaded.recommend(["item-3", "item-4", "unknown"], k=3)
+    recs = loaded.recommend(["item-3", "item-4"], k=3)
     assert len(recs) == 3 and all(r.item.startswith("item-") for r in recs)
+    with pytest.raises(ValueError, match="history: 1 unknown item id.*'unknown'"):
+        loaded.recommend(["item-3", "item-4", "unknown"], k=3)
     assert not {"item-3", "item-4"} & {r.item for r in recs}
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ckpt.CheckpointError):
@@ -321,3 +324,20 @@ def test_ops_used_by_model_follow_the_reference():
         got = ops.seed_target_rank(hidden, model.out.weight, model.out.bias, targets, offsets, excluded)
         want = reference.seed_target_rank(hidden, model.out.weight, model.out.bias, targets, offsets, excluded)
     assert got.tolist() == want.tolist()
+
+
+def test_editable_config_fields_load_and_architecture_fields_are_checked(tmp_path):
+    """Every EDITABLE_FIELDS name is a TrainConfig field; editing one in config.json still loads,
+    editing any other field is refused (issue 16)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(ckpt.EDITABLE_FIELDS) <= fields
+    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, seeds=2, device="cpu")
+    directory = ckpt.save_model(tmp_path / "ck", build_model(config, 30), config.to_dict(), list(range(30)))
+    meta = json.loads((directory / "config.json").read_text())
+    meta["config"].update(seeds=7, inference="alg2", seed=3, dropout=0.1)
+    (directory / "config.json").write_text(json.dumps(meta))
+    assert ckpt.load_model(directory)[1].seeds == 7
+    meta["config"]["emb_scale"] = 10.0  # no tensor shape shows it
+    (directory / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match="emb_scale = 10.0, but model.safetensors was saved with emb_scale = 50.0"):
+        ckpt.load_model(directory)

@@ -296,6 +296,7 @@ def opcheck_cases():
     targets = torch.tensor([1, 2, 49])
     hidden2 = hidden[:, 0].contiguous()
     _, lse = C.catalog_xent(hidden2, weight, bias, targets)
+    seed_lse = torch.logsumexp(torch.einsum("bsd,vd->bsv", hidden, weight), -1) + 0.5
     grad = lambda t: t.clone().requires_grad_(True)  # noqa: E731
     return [
         (C.denoiser_input, (grad(item), grad(pos), steps, sa, so, noise, mask, 1, True, True)),
@@ -307,6 +308,11 @@ def opcheck_cases():
         (C.seed_topk, (hidden, weight, bias, 5, offsets, ids)),
         (C.seed_topk, (hidden, weight, None, 50, None, None)),
         (C.seed_target_rank, (hidden, weight, bias, targets, offsets, ids)),
+        (C.seed_avg_probs, (grad(hidden), grad(weight), grad(bias))),
+        (C.seed_avg_probs, (grad(hidden), weight, None, grad(seed_lse))),
+        (C.seed_topk, (grad(hidden), grad(weight), grad(bias), 5, offsets, ids)),
+        (C.seed_topk, (grad(hidden), grad(weight), bias, 4, None, None, grad(seed_lse))),
+        (C.denoiser_input, (grad(item), grad(pos), steps, grad(sa), grad(so), grad(noise), mask, 1, True, True)),
         (C.catalog_xent, (grad(hidden2), grad(weight), grad(bias), targets)),
         (C.catalog_xent, (grad(hidden2), grad(weight), None, targets)),
         (C.catalog_xent_backward, (torch.rand(3), hidden2, weight, bias, targets, lse)),
@@ -471,12 +477,196 @@ def test_bad_lse_is_named():
         C.seed_topk(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), 3, None, None, torch.zeros(2, 3).double())
 
 
-def test_non_differentiable_ops_accept_tensors_that_require_grad():
+def test_integer_outputs_never_require_grad():
     hidden, weight, bias = catalog_case(3, 2, 8, 50, torch.float32)
     weight.requires_grad_(True)
-    values, _ = C.seed_topk(hidden, weight, bias, 4, None, None)
+    values, ids = C.seed_topk(hidden, weight, bias, 4, None, None)
     ranks = C.seed_target_rank(hidden, weight, bias, torch.tensor([1, 2, 3]), None, None)
     assert not torch.isnan(values).any() and ranks.shape == (3,)
+    assert values.requires_grad and not ids.requires_grad and not ranks.requires_grad
+
+
+# ----------------------------------------------------------------------------- gradients of every output
+# Issue 16: every floating output of every op carries its gradient (gradcheck in float64 over all of
+# them, with respect to every floating input), integer outputs never require grad, and an op whose
+# gradient is a compiled kernel refuses a double backward with a clear error.
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def test_catalog_xent_lse_output_carries_its_gradient():
+    """Bug 1: backward through the lse output left hidden.grad all zeros."""
+    gen = torch.Generator().manual_seed(20)
+    hidden, weight = torch.randn(3, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    targets = torch.tensor([1, 2, 3])
+    ours, twin = leaves(hidden), leaves(hidden)
+    ops.catalog_xent(ours[0], weight, None, targets)[1].sum().backward()
+    ref.catalog_xent(twin[0], weight, None, targets)[1].sum().backward()
+    assert ours[0].grad.abs().max() > 0.1
+    torch.testing.assert_close(ours[0].grad, twin[0].grad)
+    # both outputs together, with a bias and an absent (-1) target
+    bias = torch.randn(20, generator=gen)
+    targets = torch.tensor([1, -1, 19])
+    ours, twin = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    for fn, args in ((ops.catalog_xent, ours), (ref.catalog_xent, twin)):
+        loss, lse = fn(*args, targets)
+        (loss + 0.5 * lse).sum().backward()
+    for got, want in zip(ours, twin):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("op", ["catalog_xent", "denoiser_input"])
+def test_double_backward_of_compiled_gradients_raises(op):
+    """Bug 2: a backward through catalog_xent's gradient was silently zero (with a UserWarning)."""
+    if op == "catalog_xent":
+        hidden, weight, bias = leaves(*catalog_case(4, 1, 6, 30, torch.float64, seed=21))
+        hidden = hidden[:, 0]
+        out = ops.catalog_xent(hidden, weight, bias, torch.tensor([0, 3, -1, 29]))[0]
+        wrt = hidden
+    else:
+        item, pos, steps, sa, so, noise, mask = denoiser_case(3, 4, 5, 2, torch.float64, True, num_steps=50)
+        item, pos = leaves(item, pos)
+        out = ops.denoiser_input(item, pos, steps, sa.double(), so.double(), noise, mask, 2, True, True)
+        out = out.pow(2)
+        wrt = item
+    (grad,) = torch.autograd.grad(out.sum(), wrt, create_graph=True)
+    assert grad.requires_grad
+    with pytest.raises(RuntimeError, match=f"{op} has no double backward .* diffrec_ext.reference.{op}"):
+        (grad.pow(2).sum() + wrt.sum()).backward()
+
+
+def test_first_order_gradients_are_unchanged_under_create_graph():
+    hidden, weight, bias = leaves(*catalog_case(4, 1, 6, 30, torch.float64, seed=22))
+    targets = torch.tensor([0, 3, -1, 29])
+    loss = ops.catalog_xent(hidden[:, 0], weight, bias, targets)[0].sum()
+    plain = torch.autograd.grad(loss, (hidden, weight, bias), retain_graph=True)
+    marked = torch.autograd.grad(loss, (hidden, weight, bias), create_graph=True)
+    for a, b in zip(plain, marked):
+        assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("op", ["seed_avg_probs", "seed_topk"])
+def test_seed_op_outputs_carry_their_gradient(op):
+    """Bug 3: outputs said requires_grad=True but backward left hidden.grad None."""
+    hidden, weight, bias = catalog_case(3, 4, 8, 50, torch.float32, seed=23)
+    ours, twin = leaves(hidden), leaves(hidden)
+    if op == "seed_avg_probs":
+        ops.seed_avg_probs(ours[0], weight, bias)[:, :7].sum().backward()
+        ref.seed_avg_probs(twin[0], weight, bias)[:, :7].sum().backward()
+    else:
+        ops.seed_topk(ours[0], weight, bias, 5)[0].sum().backward()
+        ref.seed_topk(twin[0], weight, bias, 5)[0].sum().backward()
+    assert ours[0].grad is not None
+    torch.testing.assert_close(ours[0].grad, twin[0].grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("k,add_position", [(2, True), (1, False), (4, True)])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_denoiser_input_gradcheck_every_input(k, add_position, per_position):
+    """item_emb, pos_emb, both noise tables and the noise: every floating input; steps [B] or [B, K]."""
+    item, pos, steps, sa, so, noise, mask = denoiser_case(3, 4, 3, k, torch.float64, True, num_steps=6,
+                                                          per_position=per_position)
+    inputs = leaves(item, pos, sa.double(), so.double(), noise)
+    fn = lambda i, p, a, s, n: ops.denoiser_input(i, p, steps, a, s, n, mask, k, add_position, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def xent_outputs(*args):
+    return ops.catalog_xent(*args[:3], args[3])
+
+
+def test_catalog_xent_gradcheck_both_outputs():
+    hidden, weight, bias = catalog_case(5, 1, 6, 37, torch.float64, seed=24)
+    targets = torch.tensor([0, 36, -1, 5, 5])
+    inputs = leaves(hidden[:, 0], weight, bias)
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.catalog_xent(h, w, b, targets), inputs)
+    assert torch.autograd.gradcheck(lambda h, w: ops.catalog_xent(h, w, None, targets), inputs[:2])
+
+
+@pytest.fixture(params=[None, 64], ids=["one-tile", "tiles-of-64-logits"])
+def catalog_tiles(request, monkeypatch):
+    """The seed ops' backward walks the catalog in tiles: run it with many small ones too."""
+    if request.param is not None:
+        monkeypatch.setattr(ops, "_TILE_LOGITS", request.param)
+
+
+def seed_inputs(with_bias=True, with_lse=False, seed=25, num_items=13):
+    hidden, weight, bias = catalog_case(2, 3, 4, num_items, torch.float64, with_bias, seed=seed)
+    lse = None
+    if with_lse:  # a catalog normaliser that differs from this weight's own (a shard of a bigger catalog)
+        lse = torch.logsumexp(torch.einsum("bsd,vd->bsv", hidden, weight), -1) + 0.7
+    return [t for t in leaves(hidden, weight) + (leaves(bias) if with_bias else [None])] + (
+        leaves(lse) if with_lse else [None])
+
+
+@pytest.mark.parametrize("with_bias,with_lse", [(True, False), (False, True), (True, True)])
+def test_seed_avg_probs_gradcheck(catalog_tiles, with_bias, with_lse):
+    hidden, weight, bias, lse = seed_inputs(with_bias, with_lse)
+    differentiable = [t for t in (hidden, weight, bias, lse) if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        return ops.seed_avg_probs(next(it), next(it), next(it) if with_bias else None, next(it) if with_lse else None)
+
+    assert torch.autograd.gradcheck(fn, differentiable)
+    assert torch.autograd.gradgradcheck(fn, differentiable, fast_mode=True)  # the gradient is plain PyTorch
+
+
+@pytest.mark.parametrize("with_bias,with_lse,exclude", [(True, False, True), (False, True, False), (True, True, True)])
+def test_seed_topk_values_gradcheck(catalog_tiles, with_bias, with_lse, exclude):
+    hidden, weight, bias, lse = seed_inputs(with_bias, with_lse, seed=26)
+    differentiable = [t for t in (hidden, weight, bias, lse) if t is not None]
+    offsets, ids = ops.exclusion_csr([[0, 3], [5, 6, 7]]) if exclude else (None, None)
+
+    def fn(*args):
+        it = iter(args)
+        return ops.seed_topk(next(it), next(it), next(it) if with_bias else None, 6, offsets, ids,
+                             next(it) if with_lse else None)[0]
+
+    assert torch.autograd.gradcheck(fn, differentiable)
+    assert torch.autograd.gradgradcheck(fn, differentiable, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seed_op_gradients_match_the_twins_over_many_tiles(dtype):
+    """float32/bf16 inputs, a catalog of several default tiles: the gradients of the twins' autograd
+    in float64 (the twin materialises [B, S, V])."""
+    hidden, weight, bias = catalog_case(64, 10, 16, 7919, dtype, seed=27)
+    grad_probs = torch.randn(64, 7919, generator=torch.Generator().manual_seed(28)).to(dtype)
+    ours, twin = leaves(hidden, weight, bias), leaves(*f64(hidden, weight, bias))
+    (ops.seed_avg_probs(*ours).to(dtype) * grad_probs).sum().backward()
+    (ref.seed_avg_probs(*twin) * grad_probs.double()).sum().backward()
+    for got, want, like in zip(ours, twin, (hidden, weight, bias)):
+        assert got.grad.dtype == like.dtype
+        assert rel_err(got.grad, want.grad) < TOLERANCE[dtype] * 10
+    ours, twin = leaves(hidden, weight, bias), leaves(*f64(hidden, weight, bias))
+    values, ids = ops.seed_topk(*ours, 20)
+    (values * torch.linspace(1, 2, 20)).sum().backward()
+    scores = ref.seed_avg_probs(*twin)
+    (scores.gather(1, ids) * torch.linspace(1, 2, 20, dtype=torch.float64)).sum().backward()
+    for got, want in zip(ours, twin):
+        assert rel_err(got.grad, want.grad) < TOLERANCE[dtype] * 10
+
+
+def test_gradients_under_torch_compile_fullgraph():
+    hidden, weight, bias = catalog_case(4, 3, 8, 200, torch.float32, seed=29)
+    targets = torch.tensor([0, 5, -1, 199])
+
+    def losses(hidden, weight, bias):
+        loss, lse = ops.catalog_xent(hidden[:, 0], weight, bias, targets)
+        values, _ = ops.seed_topk(hidden, weight, bias, 5)
+        probs = ops.seed_avg_probs(hidden, weight, bias)
+        return (loss + 0.5 * lse).sum() + values.sum() + probs[:, :10].sum()
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    eager_inputs, compiled_inputs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    losses(*eager_inputs).backward()
+    compiled(*compiled_inputs).backward()
+    for got, want in zip(compiled_inputs, eager_inputs):
+        torch.testing.assert_close(got.grad, want.grad)
+
 
 
 # ----------------------------------------------------------------------------- seeded dropout

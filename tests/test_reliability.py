@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import gzip
+import hashlib
 import io
 import json
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +40,7 @@ from diffrec_ext import cli, ops
 from diffrec_ext import reference as ref
 from diffrec_ext.checkpoint import CheckpointError
 from diffrec_ext.data import DataFormatError, load_dataset, preprocess, read_interactions
+from diffrec_ext.engine import InferenceEngine, UnknownItemsError
 from diffrec_ext.inference import Recommender, predict_h0, recommend, target_ranks
 from diffrec_ext.schedules import NoiseSchedule
 from diffrec_ext.synthetic import write_synthetic
@@ -299,6 +304,55 @@ for id_, op, bad, call, match in [
     case(f"op-{id_}", f"op {op}", bad, lambda ctx, call=call: call(), RuntimeError, match, ext=True)
 
 
+def double_backward(op: str):
+    """A backward through the op's gradient (create_graph=True, as a gradient penalty would)."""
+    def run(ctx):
+        if op == "catalog_xent":
+            hidden = H2.double().requires_grad_()
+            out = ops.catalog_xent(hidden, W.double(), BIAS.double(), TARGETS)[0]
+        else:
+            args = denoiser_args()
+            hidden = args["item_emb"].requires_grad_()
+            out = ops.denoiser_input(*args.values()).pow(2)
+        (grad,) = torch.autograd.grad(out.sum(), hidden, create_graph=True)
+        grad.pow(2).sum().backward()
+    return run
+
+
+def gradients_of_every_output(ctx):
+    """Each floating output's gradient equals the twin's: catalog_xent's loss and lse, seed_avg_probs,
+    seed_topk's values (its ids and seed_target_rank's ranks are integers: they never require grad)."""
+    def grads(fn):
+        leaves = [t.double().requires_grad_() for t in (H, W, BIAS)]
+        fn(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    weights = torch.linspace(0.5, 1.5, 7, dtype=torch.float64)
+    for ours, twin in [
+        (lambda h, w, b: sum(o.sum() for o in ops.catalog_xent(h[:, 0], w, b, TARGETS)),
+         lambda h, w, b: sum(o.sum() for o in ref.catalog_xent(h[:, 0], w, b, TARGETS))),
+        (lambda h, w, b: ops.seed_avg_probs(h, w, b)[:, :7].sum(), lambda h, w, b: ref.seed_avg_probs(h, w, b)[:, :7].sum()),
+        (lambda h, w, b: (ops.seed_topk(h, w, b, 7)[0] * weights).sum(),
+         lambda h, w, b: (ref.seed_topk(h, w, b, 7)[0] * weights).sum()),
+    ]:
+        for got, want in zip(grads(ours), grads(twin)):
+            torch.testing.assert_close(got, want)
+    hidden = H.clone().requires_grad_()
+    assert not ops.seed_topk(hidden, W, BIAS, 3)[1].requires_grad
+    assert not ops.seed_target_rank(hidden, W, BIAS, TARGETS).requires_grad
+
+
+for op in ("catalog_xent", "denoiser_input"):
+    case(f"op-{op.replace('_', '-')}-double-backward", f"op {op} (autograd)",
+         "a backward through its gradient (create_graph=True)", double_backward(op), RuntimeError,
+         f"diffrec_ext.ops.{op} has no double backward \\(its gradient kernel is not differentiable\\): "
+         f"differentiate through it once, or use the pure-PyTorch twin diffrec_ext.reference.{op}", ext=True)
+case("op-gradients", "ops (autograd)", "backward through every floating output (catalog_xent's lse, seed_avg_probs, "
+     "seed_topk's values)", gradients_of_every_output, None, ext=True,
+     sees="accepted: the twins' gradients (gradcheck and gradgradcheck of the seed ops in tests/test_ops.py); "
+          "integer outputs (top-k ids, ranks) never require grad")
+
+
 # ------------------------------------------------------------------------------------------ data readers
 
 def read(name: str, content, fmt: str = "auto", **options):
@@ -334,7 +388,6 @@ for id_, name, content, bad, match in [
     ("seq-bare-cr", "seq.txt", "1 2 3\r2 4 5\r3 4 6\r", "old Mac line endings (bare \\r)",
      r"line 1: carriage return \(\\r\) inside the line"),
     ("seq-nul-byte", "seq.txt", "1 2 3\n2 4 5\n3 4\x00 6\n", "a NUL byte in an id", "line 3: non-numeric item id '4\\\\x00'"),
-    ("seq-bom", "seq.txt", "\ufeff1 2 3\n2 4 5\n", "a UTF-8 byte-order mark", r"line 1: non-numeric user id '\\ufeff1'"),
     ("ml-truncated", "ratings.dat", R3 + "1::4::4\n", "a truncated ratings line",
      "line 3: truncated line: 3 of 4 '::'-separated fields"),
     ("ml-tab", "ratings.dat", R3 + "1\t4\t4\t12\n", "tabs in a '::' file", r"line 3: wrong delimiter: found '\\t'"),
@@ -392,8 +445,6 @@ for id_, name, content, bad, match in [
 
 
 def truncated_gzip(ctx):
-    import gzip
-
     body = gzip.compress("".join(f"{u} {u + 1} {u + 2} {u + 3}\n" for u in range(1, 2000)).encode())
     path = ctx.tmp / "seq.txt.gz"
     path.write_bytes(body[: len(body) // 2])
@@ -406,17 +457,51 @@ case("data-unknown-format", "reader read_interactions", "fmt='xml'", read("a.txt
      ValueError, "unknown format 'xml'")
 
 
-def parquet_garbage(ctx):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("a Parquet engine is installed: this case checks the message without one")
-    except ImportError:
-        pass
-    return read("log.parquet", b"PAR1 not really parquet")(ctx)
+def without_parquet_engine(run):
+    """`run` in a process where neither pyarrow nor fastparquet can be imported."""
+    def wrapped(ctx):
+        from unittest import mock
+
+        with mock.patch.dict(sys.modules, {"pyarrow": None, "fastparquet": None}):
+            return run(ctx)
+    return wrapped
 
 
-case("data-parquet-no-engine", "reader read_interactions", "a Parquet file without pyarrow", parquet_garbage,
-     ImportError, "needs a Parquet engine: pip install pyarrow")
+def parquet(frame: dict, **options):
+    """A Parquet file of `frame` (columns as lists; needs pyarrow, which the test extra installs), read."""
+    def run(ctx):
+        import pandas as pd
+
+        pytest.importorskip("pyarrow", reason="writing the Parquet file needs pyarrow (pip install '.[test]')")
+        path = ctx.tmp / "log.parquet"
+        pd.DataFrame(frame).to_parquet(path)
+        return read_interactions(path, **options)
+    return run
+
+
+case("data-parquet-no-engine", "reader read_interactions", "a Parquet file without pyarrow",
+     without_parquet_engine(read("log.parquet", b"PAR1 not really parquet")), ImportError,
+     r"needs a Parquet engine: pip install pyarrow \(or pip install 'diffrec-ext\[parquet\]'\)")
+for id_, frame, bad, match in [
+    ("list-user", {"user": [[1, 2], [3]], "item": [1, 2], "timestamp": [1, 2]}, "a list-typed user column",
+     r"row 1: column 'user' holds ndarray '\[1 2\]' \(mixed values\): ids must be all integers or all strings"),
+    ("list-timestamp", {"user": [1, 1], "item": [1, 2], "timestamp": [[1, 2], [3]]}, "a list-typed timestamp column",
+     r"row 1: column 'timestamp' is not a number or ISO date: ndarray '\[1 2\]'"),
+    ("struct-item", {"user": [1, 1], "item": [{"a": 1}, {"a": 2}], "timestamp": [1, 2]}, "a struct-typed item column",
+     r"row 1: column 'item' holds dict \"\{'a': 1\}\" \(mixed values\)"),
+    ("bool-user", {"user": [True, False], "item": [1, 2], "timestamp": [1, 2]}, "a boolean user column",
+     r"column 'user' is boolean \(dtype bool\); expected ids"),
+    ("bool-timestamp", {"user": [1, 1], "item": [1, 2], "timestamp": [True, False]}, "a boolean timestamp column",
+     r"column 'timestamp' is boolean \(dtype bool\); expected numbers"),
+    ("bytes-user", {"user": [b"a", b"b"], "item": [1, 2], "timestamp": [1, 2]}, "a binary user column",
+     r"row 1: column 'user' holds bytes \"b'a'\" \(bytes values\)"),
+    ("date-item", {"user": [1, 1], "item": [datetime.datetime(2020, 1, d) for d in (1, 2)],
+                   "timestamp": [1, 2]}, "a date-typed item column", r"row 1: column 'item' holds Timestamp"),
+]:
+    case(f"data-parquet-{id_}", "reader read_interactions", bad, parquet(frame), DataFormatError, match)
+case("data-csv-bool-user", "reader read_interactions", "a user column of True/False",
+     read("log.csv", "user,item,timestamp\nTrue,2,3\nFalse,3,4\n"), DataFormatError,
+     r"log\.csv: column 'user' is boolean \(dtype bool\); expected ids")
 case("data-directory", "reader read_interactions", "a directory instead of a file",
      lambda ctx: read_interactions(ctx.tmp, "sequence"), IsADirectoryError, "Is a directory")
 
@@ -450,6 +535,19 @@ def crlf_and_trailing_blank_lines(ctx):
     assert table["item"].tolist() == [2, 3, 3, 4]
 
 
+def byte_order_marks(ctx):
+    """Every text format reads a file with a UTF-8 BOM as the same file without it."""
+    for name, content in (("seq.txt", "1 2 3\n2 4 5\n"), ("x.inter", INTER), ("ratings.dat", R3), ("u.data", "1\t2\t5\t10\n"),
+                          ("log.csv", "user,item,timestamp\n1,2,3\n"), ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,5,10\n")):
+        plain = read(name, content)(ctx)
+        marked = read(name, b"\xef\xbb\xbf" + content.encode())(ctx)
+        assert plain.equals(marked), name
+        gzipped = read(name + ".gz", gzip.compress(b"\xef\xbb\xbf" + content.encode()))(ctx)
+        assert plain.equals(gzipped), name
+
+
+case("data-bom", "reader read_interactions", "a UTF-8 byte-order mark (sequence, .inter, MovieLens, u.data, CSV files)",
+     byte_order_marks, None, sees="accepted in every text format, plain or gzipped: the mark is skipped")
 case("data-crlf", "reader read_interactions", "Windows line endings and trailing blank lines",
      crlf_and_trailing_blank_lines, None, sees="accepted: read as ordinary lines")
 
@@ -490,7 +588,7 @@ for id_, fn, bad, error, match in [  # where: "inference recommend" unless the i
     ("id-text", lambda ctx: recommend(ctx.model(), [[1, "a"]]), "a string in a dense history", ValueError,
      r"histories\[0\]\[1\] = 'a' is not an integer item id"),
     ("id-fraction", lambda ctx: recommend(ctx.model(), [[1, 2.5]]), "2.5 in a dense history", ValueError,
-     r"histories\[0\]\[1\] = 2.5 is not an integer item id"),
+     r"histories\[0\]\[1\] = 2.5 is not an item id"),
     ("history-3d", lambda ctx: recommend(ctx.model(), torch.ones(2, 2, 2, dtype=torch.int64)),
      "a [2, 2, 2] history tensor", ValueError, r"histories must be a \[B, H\] tensor of item ids, got shape \(2, 2, 2\)"),
     ("history-float", lambda ctx: target_ranks(ctx.model(), torch.ones(2, 3), T(1, 2)), "a float history tensor",
@@ -554,9 +652,73 @@ def long_history(ctx):
 
 def unknown_original_ids(ctx):
     rec = Recommender.from_checkpoint(ctx.run)
-    with_unknown = rec.recommend([rec.item_ids[0], "no-such-item", rec.item_ids[1]], k=3)
-    without = rec.recommend([rec.item_ids[0], rec.item_ids[1]], k=3)
-    assert [r.item for r in with_unknown] == [r.item for r in without]
+    return rec.recommend([rec.item_ids[0], "no-such-item", rec.item_ids[1]], k=3)
+
+
+def histories_of_every_container(ctx):
+    """A tensor, a numpy array, a tuple: the same history as the list, for Recommender and engine."""
+    import numpy as np
+
+    rec = Recommender.from_checkpoint(ctx.run)
+    engine = InferenceEngine.from_checkpoint(ctx.run, device="cpu")
+    items = rec.item_ids[:3]
+    expected = [r.item for r in rec.recommend(list(items), k=5)]
+    assert not set(items) & set(expected)  # the history was read: its items are excluded
+    for history in (torch.tensor(items), np.array(items), tuple(items)):
+        assert [r.item for r in rec.recommend(history, k=5)] == expected
+        assert engine.recommend([history], k=5).items == engine.recommend([list(items)], k=5).items
+
+
+def rec_call(**kwargs):
+    def run(ctx):
+        rec = Recommender.from_checkpoint(ctx.run)
+        history = kwargs.pop("history", rec.item_ids[:2])
+        return rec.recommend(history, **kwargs)
+    return run
+
+
+def engine_call(histories, **kwargs):
+    return lambda ctx: InferenceEngine.from_checkpoint(ctx.run, device="cpu").recommend(histories, **kwargs)
+
+
+for id_, where, fn, bad, match in [
+    ("history-string", "Recommender.recommend", rec_call(history="356"), "the history '356' (a string)",
+     r"history must be a list, tuple, 1-D array or 1-D integer tensor of item ids, got str '356'"),
+    ("history-number", "Recommender.recommend", rec_call(history=3), "the history 3 (a number)",
+     r"history must be a list, tuple, .* got int 3"),
+    ("history-float-id", "Recommender.recommend", rec_call(history=[1, 2.0]), "the id 2.0 in a history",
+     r"history\[1\] = 2\.0 is not an item id \(an int, or a str for original ids\)"),
+    ("history-bool-id", "Recommender.recommend", rec_call(history=[True, 2]), "the id True in a history",
+     r"history\[0\] = True is not an item id"),
+    ("history-nested", "Recommender.recommend", rec_call(history=[[1, 2], 3]), "a list inside a history",
+     r"history\[0\] = \[1, 2\] is not an item id"),
+    ("history-tensor-2d", "Recommender.recommend", rec_call(history=torch.tensor([[1, 2]])), "a [1, 2] tensor",
+     r"history must be a 1-D integer tensor of item ids, got a torch.int64 tensor of shape \(1, 2\)"),
+    ("history-tensor-float", "Recommender.recommend", rec_call(history=torch.tensor([1.0, 2.0])),
+     "a float tensor as a history", r"history must be a 1-D integer tensor of item ids, got a torch.float32 tensor"),
+    ("k-none", "Recommender.recommend", rec_call(k=None), "k = None",
+     r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("k-bool", "Recommender.recommend", rec_call(k=True), "k = True", r"k must be an int in .*, got True"),
+    ("exclude-seen-none", "Recommender.recommend", rec_call(exclude_seen=None), "exclude_seen = None",
+     "exclude_seen must be True or False, got None"),
+    ("seed-text", "Recommender.recommend", rec_call(seed="0"), "seed = '0'", "seed must be an int, got '0'"),
+    ("engine-history-string", "InferenceEngine.recommend", engine_call(["356"]), "histories = ['356']",
+     r"histories\[0\] must be a list, tuple, .* got str '356'"),
+    ("engine-history-nested", "InferenceEngine.recommend", engine_call([[1, [2]]]), "histories = [[1, [2]]]",
+     r"histories\[0\]\[1\] = \[2\] is not an item id"),
+    ("engine-flat-history", "InferenceEngine.recommend", engine_call([1, 2, 3]),
+     "one flat history [1, 2, 3] instead of a list of histories", r"histories\[0\] must be a list, .* got int 1"),
+    ("engine-k-none", "InferenceEngine.recommend", engine_call([[1, 2, 3]], k=None), "k = None",
+     r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("engine-dense-k-none", "InferenceEngine.recommend_dense",
+     lambda ctx: InferenceEngine.from_checkpoint(ctx.run, device="cpu").recommend_dense([[1, 2]], k=None),
+     "k = None", r"k must be an int in \[1, num_items = \d+\], got None"),
+    ("engine-seed-none", "InferenceEngine.recommend", engine_call([[1, 2, 3]], seed=None), "seed = None",
+     "seed must be an int, got None"),
+    ("engine-unknown-ids", "InferenceEngine.recommend", engine_call([[1, 2], [3, 99999]]), "an id the model never saw",
+     r"history 1: 1 unknown item id\(s\): 99999"),
+]:
+    case(f"inference-{id_}", f"inference {where}", bad, fn, ValueError, match)
 
 
 case("inference-empty-history", "inference recommend", "an empty history", empty_history, None,
@@ -566,9 +728,10 @@ case("inference-long-history", "inference recommend", "a history longer than T -
      sees="accepted: the most recent T - 1 items are used (the same ranking as the truncated history); "
           "with exclude_seen every item of the full history is excluded")
 case("inference-unknown-original-ids", "inference Recommender.recommend", "original item ids the model never saw",
-     unknown_original_ids, None,
-     sees="accepted: ignored (Recommender.to_dense returns them); the CLI prints \"ignoring N item ids unknown to the "
-          "model: [...]\" on stderr")
+     unknown_original_ids, UnknownItemsError, r"history: 1 unknown item id\(s\): 'no-such-item'")
+case("inference-history-containers", "inference Recommender.recommend, InferenceEngine.recommend",
+     "a history as a 1-D int tensor, a numpy array or a tuple", histories_of_every_container, None,
+     sees="accepted: read as the same list of item ids (the same top-k as the list)")
 
 
 def model_ids_wrong_width(ctx):
@@ -623,6 +786,15 @@ def truncate(name: str, keep: float = 0.5):
     return change
 
 
+def flip_bit(name: str):
+    """Flips one bit in the last byte of the file: inside the data of its last tensor."""
+    def change(directory: Path):
+        data = bytearray((directory / name).read_bytes())
+        data[-1] ^= 0x01
+        (directory / name).write_bytes(bytes(data))
+    return change
+
+
 def set_item(name, value):
     def edit(tensors):
         tensors[name] = value(tensors[name])
@@ -670,8 +842,63 @@ for id_, bad, change, match in [
      r"missing checkpoint file \S+items\.json"),
     ("weights-file-missing", "model.safetensors deleted", lambda d: (d / ckpt.MODEL_FILE).unlink(),
      r"is neither a checkpoint directory \(model\.safetensors \+ config\.json\) nor a run directory with best\.json"),
+    ("heads-changed", "heads 2 -> 4 in config.json (no tensor shape changes)", edit_config(heads=4),
+     r"config\.json: heads = 4, but model\.safetensors was saved with heads = 2: the config no longer describes "
+     r"these weights"),
+    ("num-steps-changed", "num_steps 20 -> 5 in config.json", edit_config(num_steps=5),
+     r"config\.json: num_steps = 5, but model\.safetensors was saved with num_steps = 20"),
+    ("schedule-changed", "schedule sqrt -> cosine in config.json", edit_config(schedule="cosine"),
+     r"config\.json: schedule = \"cosine\", but model\.safetensors was saved with schedule = \"sqrt\""),
+    ("causal-changed", "causal true -> false in config.json", edit_config(causal=False),
+     r"config\.json: causal = false, but model\.safetensors was saved with causal = true"),
+    ("weights-bit-flip", "one bit flipped inside a tensor of model.safetensors", flip_bit(ckpt.MODEL_FILE),
+     r"model\.safetensors: its sha256 \w+\.\.\. differs from the \w+\.\.\. recorded in config\.json when it was "
+     r"saved: the file was modified or corrupted"),
+    ("weights-resaved", "model.safetensors rewritten with the same tensors (sha256 no longer recorded)",
+     edit_tensors(lambda t: None), r"model\.safetensors: its sha256 \w+\.\.\. differs from the"),
+    ("config-list", "config.json holding a JSON list", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]"),
+     r"config\.json must hold a JSON object, got a list"),
+    ("items-duplicate", "items.json listing one id twice", edit_json(ckpt.ITEMS_FILE, lambda items: [items[1]] + items[1:]),
+     r"items\.json: entry 1 = \S+ repeats entry 0 = \S+: item ids must be unique"),
+    ("items-same-id-as-text", "items.json holding one id as a number and as text (2 and \"2\")",
+     edit_json(ckpt.ITEMS_FILE, lambda items: [str(items[1])] + items[1:]),
+     r"items\.json: entry 1 = \d+ repeats entry 0 = \"\d+\": item ids must be unique"),
+    ("items-list-entry", "an entry [1, 2] in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: items[:2] + [[1, 2]] + items[3:]),
+     r"items\.json: entry 2 = \[1, 2\] is not an item id \(an int or a string\)"),
+    ("items-null-entry", "an entry null in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [None] + items[1:]),
+     r"items\.json: entry 0 = null is not an item id"),
+    ("items-object-entry", "an entry {} in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [{}] + items[1:]),
+     r"items\.json: entry 0 = \{\} is not an item id"),
+    ("items-bool-entry", "an entry true in items.json", edit_json(ckpt.ITEMS_FILE, lambda items: [True] + items[1:]),
+     r"items\.json: entry 0 = true is not an item id"),
 ]:
     case(f"ckpt-{id_}", "checkpoint load_model", bad, corrupt(change), CheckpointError, match)
+
+
+def without_integrity_records(ctx):
+    """A checkpoint as saved before the sha256 and architecture records: loads with a warning,
+    and resave() adds the records."""
+    directory = ctx.copy_checkpoint()
+    edit_json(ckpt.CONFIG_FILE, lambda meta: {k: v for k, v in meta.items() if k != "sha256"})(directory)
+    tensors = load_file(directory / ckpt.MODEL_FILE)
+    save_file(tensors, directory / ckpt.MODEL_FILE, metadata={"format": ckpt.FORMAT})
+    with pytest.warns(UserWarning, match="has no integrity records .* diffrec_ext.checkpoint.resave"):
+        old = ckpt.load_model(directory)[0]
+    ckpt.resave(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = ckpt.load_model(directory)[0]
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    edit_config(heads=4)(directory)
+    with pytest.raises(CheckpointError, match="heads = 4, but model.safetensors was saved with heads = 2"):
+        ckpt.load_model(directory)
+
+
+case("ckpt-no-integrity-records", "checkpoint load_model", "a checkpoint saved before the sha256/architecture records",
+     without_integrity_records, None,
+     sees="accepted with a UserWarning: \"<dir> has no integrity records (saved before diffrec-ext recorded them): "
+          "its config and tensors are checked against each other's shapes only. To add them, load it and save it "
+          "again: diffrec_ext.checkpoint.resave(path)\"; after resave() the records are checked")
 
 
 def broken_pointer(content: str | None, which="best"):
@@ -718,10 +945,14 @@ def resume(change: Callable[[Path, Path], None] | None = None, **config_changes)
 
 
 def drop_state_tensor(name):
+    """A state written without `name` (its sha256 recorded as if it had been saved that way)."""
     def change(run_dir, last):
         tensors = load_file(last / ckpt.STATE_TENSORS_FILE)
         del tensors[name]
         save_file(tensors, last / ckpt.STATE_TENSORS_FILE)
+        state = json.loads((last / ckpt.STATE_FILE).read_text())
+        state["sha256"] = {ckpt.STATE_TENSORS_FILE: hashlib.sha256((last / ckpt.STATE_TENSORS_FILE).read_bytes()).hexdigest()}
+        (last / ckpt.STATE_FILE).write_text(json.dumps(state))
     return change
 
 
@@ -739,6 +970,10 @@ case("resume-other-dataset", "train resume", "resuming on a different dataset", 
      ConfigError, r"cannot resume \S+: it was trained on a different dataset")
 case("resume-state-tensor-missing", "train resume", "state.safetensors without rng.steps",
      resume(drop_state_tensor("rng.steps")), CheckpointError, r"its training state lacks \['rng\.steps'\]")
+case("resume-state-bit-flip", "train resume", "one bit flipped inside a tensor of state.safetensors",
+     resume(lambda run_dir, last: flip_bit(ckpt.STATE_TENSORS_FILE)(last)), CheckpointError,
+     r"state\.safetensors: its sha256 \w+\.\.\. differs from the \w+\.\.\. recorded in state\.json when it was "
+     r"saved: the file was modified or corrupted")
 case("resume-state-truncated", "train resume", "state.safetensors cut in half",
      resume(lambda run_dir, last: truncate(ckpt.STATE_TENSORS_FILE)(last)), CheckpointError,
      r"state\.safetensors is not a valid safetensors file")
@@ -789,6 +1024,43 @@ no_cuda = Arg("cuda", _no_cuda)
 
 
 TRAIN = ("train", "--data", data_of, "--out", out_of)
+
+
+def _relabelled(ctx) -> Path:
+    """tiny.txt with every item id + 1000: the same number of items, none with the same id."""
+    lines = [line.split() for line in ctx.data.read_text().splitlines()]
+    path = ctx.tmp / "relabelled.txt"
+    path.write_text("".join(" ".join([user] + [str(int(i) + 1000) for i in items]) + "\n" for user, *items in lines))
+    return path
+
+
+relabelled_of = Arg("<tiny.txt with item ids + 1000>", _relabelled)
+
+
+def broken_checkpoint_of(shown: str, change: Callable[[Path], None]) -> Arg:
+    def make(ctx):
+        directory = ctx.copy_checkpoint()
+        change(directory)
+        return directory
+    return Arg(shown, make)
+
+
+def parquet_of(shown: str, **columns) -> Arg:
+    """A Parquet file of three interactions with the given columns replaced."""
+    def make(ctx):
+        import pandas as pd
+
+        pytest.importorskip("pyarrow", reason="writing the Parquet file needs pyarrow (pip install '.[test]')")
+        path = ctx.tmp / "log.parquet"
+        pd.DataFrame({"user": [1, 1, 2], "item": [1, 2, 3], "timestamp": [1, 2, 3], **columns}).to_parquet(path)
+        return path
+    return Arg(shown, make)
+
+
+def _unreadable_parquet(ctx) -> Path:
+    path = ctx.tmp / "log.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    return path
 for id_, argv, match in [
     ("train-dim-text", (*TRAIN, "--dim", "abc"), r"exit 2; stderr: diffrec train: error: argument --dim: invalid int value: 'abc'"),
     ("train-kind", (*TRAIN, "--kind", "bert4rec"), r"exit 2; stderr: .*argument --kind: invalid choice: 'bert4rec'"),
@@ -827,7 +1099,32 @@ for id_, argv, match in [
      r"exit 2; stderr: .*checkpoint path \S+none does not exist"),
     ("evaluate-other-catalog", ("evaluate", "--checkpoint", run_of, "--data", data_of, "--k-core", "4", "--quiet",
                                 "--device", "cpu"),
-     r"exit 2; stderr: .*the dataset's catalog \(\d+ items\) differs from the checkpoint's \(\d+ items\)"),
+     r"exit 2; stderr: .*the dataset's catalog differs from the checkpoint's \(the dataset has \d+ items, the "
+     r"checkpoint \d+\)"),
+    ("evaluate-relabelled-catalog", ("evaluate", "--checkpoint", run_of, "--data", relabelled_of, "--k-core", "2",
+                                     "--quiet", "--device", "cpu"),
+     r"exit 2; stderr: .*the dataset's catalog differs from the checkpoint's \(both have (\d+) items, but \1 ids "
+     r"differ; the first, dense id 1, is '10\d\d' in the dataset and '\d+' in the checkpoint\)"),
+    ("recommend-config-list", ("recommend", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint whose config.json is [1, 2]>", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]")),
+        "--history", "1", "--device", "cpu"),
+     r"exit 2; stderr: .*config\.json must hold a JSON object, got a list"),
+    ("evaluate-config-list", ("evaluate", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint whose config.json is [1, 2]>", lambda d: (d / ckpt.CONFIG_FILE).write_text("[1, 2]")),
+        "--device", "cpu"), r"exit 2; stderr: .*config\.json must hold a JSON object, got a list"),
+    ("evaluate-items-list-entry", ("evaluate", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint with [1, 2] in items.json>", edit_json(ckpt.ITEMS_FILE, lambda items: items[:2] + [[1, 2]] + items[3:])),
+        "--device", "cpu"), r"exit 2; stderr: .*items\.json: entry 2 = \[1, 2\] is not an item id"),
+    ("recommend-items-duplicate", ("recommend", "--checkpoint", broken_checkpoint_of(
+        "<checkpoint with an id twice in items.json>", edit_json(ckpt.ITEMS_FILE, lambda items: [items[1]] + items[1:])),
+        "--history", "1", "--device", "cpu"), r"exit 2; stderr: .*items\.json: entry 1 = \S+ repeats entry 0"),
+    ("train-lr-nan", (*TRAIN, "--lr", "nan"), r"exit 2; stderr: .*invalid config: lr must be a finite float, got nan"),
+    ("train-parquet-bool-user", ("train", "--data", parquet_of("<log.parquet with a boolean user column>",
+                                                               user=[True, False, True]), "--out", out_of, *TINY_FLAGS),
+     r"exit 2; stderr: diffrec train: error: \S+log\.parquet: column 'user' is boolean \(dtype bool\); expected ids$"),
+    ("train-parquet-list-item", ("train", "--data", parquet_of("<log.parquet with a list-typed item column>",
+                                                               item=[[1], [2, 3], [4]]), "--out", out_of, *TINY_FLAGS),
+     r"exit 2; stderr: diffrec train: error: \S+log\.parquet: row 1: column 'item' holds ndarray '\[1\]'"),
     ("evaluate-split", ("evaluate", "--checkpoint", run_of, "--split", "train"),
      "exit 2; stderr: .*argument --split: invalid choice: 'train'"),
     ("recommend-unknown-user", ("recommend", "--checkpoint", run_of, "--user", "999999", "--device", "cpu"),
@@ -850,6 +1147,25 @@ for id_, argv, match in [
 ]:
     shown = " ".join(a if isinstance(a, str) else a.shown for a in argv).replace(" ".join(TINY_FLAGS), "<tiny flags>")
     case(f"cli-{id_}", "CLI " + argv[0], shown, cli_case(*argv), CLIExit, match)
+
+
+case("cli-train-parquet-no-engine", "CLI train", "train --data <log.parquet> without pyarrow installed",
+     without_parquet_engine(cli_case("train", "--data", Arg("<log.parquet>", _unreadable_parquet), "--out", out_of)),
+     CLIExit, r"exit 2; stderr: diffrec train: error: reading \S+log\.parquet needs a Parquet engine: pip install "
+              r"pyarrow \(or pip install 'diffrec-ext\[parquet\]'\)$")
+
+
+def evaluate_reproduces_the_run_result(ctx):
+    report = ctx.tmp / "evaluate.json"
+    run_cli("evaluate", "--checkpoint", ctx.run, "--device", "cpu", "--quiet", "--json", report)
+    result = json.loads((ctx.run / "result.json").read_text())
+    assert json.loads(report.read_text())["test"][result["kind"]] == result["test"]
+
+
+case("cli-evaluate-default-seed", "CLI evaluate", "evaluate --checkpoint <run dir> (no --seed, no --batch-size)",
+     evaluate_reproduces_the_run_result, None,
+     sees="accepted: the checkpoint's training seed and eval_batch_size are the defaults, so the test metrics equal "
+          "the run's result.json")
 
 
 def cli_unknown_history(ctx):

@@ -193,3 +193,15 @@ def test_early_stopping(dataset):
     config = TrainConfig(**{**TINY, "epochs": 30, "patience": 1, "lr": 1e-6})
     result = train(config, dataset, progress=False, log=None)
     assert result["epochs_run"] < 30
+
+
+def test_best_weights_are_kept_apart_from_the_training_weights():
+    """On the CPU, .cpu() returned the live parameters: the 'best' weights kept training and the
+    test metrics of result.json were those of the last epoch (issue 16: evaluate did not reproduce
+    result.json)."""
+    from diffrec_ext.train import _on_cpu
+
+    weights = {"w": torch.zeros(3)}
+    kept = _on_cpu(weights)
+    weights["w"] += 1.0
+    assert kept["w"].tolist() == [0.0, 0.0, 0.0]
