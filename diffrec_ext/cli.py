@@ -129,11 +129,13 @@ def _load_dataset(spec: dict):
         raise CLIError(str(error)) from None
 
 
-def _add_eval_args(parser):
+def _add_eval_args(parser, engine_names: bool = False):
+    """engine_names: also accept the engine's names, --num-samples for --seeds and --algorithm for --method."""
     group = parser.add_argument_group("inference")
-    group.add_argument("--seeds", "--num-samples", dest="seeds", type=_positive_int, default=None,
-                       help="S: predictions averaged per user (default: the checkpoint's)")
-    group.add_argument("--method", "--algorithm", dest="method", choices=["alg3", "alg2"], default=None,
+    group.add_argument("--seeds", *(["--num-samples"] if engine_names else []), dest="seeds", type=_positive_int,
+                       default=None, help="S: predictions averaged per user (default: the checkpoint's)")
+    group.add_argument("--method", *(["--algorithm"] if engine_names else []), dest="method", choices=["alg3", "alg2"],
+                       default=None,
                        help="alg3: one pass from step N per seed (default); alg2: the full reverse process")
     group.add_argument("--stride", type=_positive_int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
     group.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
@@ -712,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch's choice)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
-    _add_eval_args(score)
+    _add_eval_args(score, engine_names=True)
     score.set_defaults(func=cmd_score)
 
     from . import bench_inference, serve

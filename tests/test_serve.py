@@ -147,8 +147,7 @@ def test_openapi_lists_the_endpoint_and_docs_are_served(server):
     assert status == 200
     assert {"/recommend", "/health", "/metrics"} <= set(schema["paths"])
     operation = schema["paths"]["/recommend"]["post"]
-    request_schema = schema["components"]["schemas"][operation["requestBody"]["content"]["application/json"]["schema"]
-                                                    ["$ref"].rsplit("/", 1)[1]]
+    request_schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert set(request_schema["properties"]) == {"history", "histories", "k", "exclude_seen"}
     assert request_schema["properties"]["k"]["maximum"] == NUM_ITEMS  # the server's limits are in the schema
     assert {"200", "400", "422", "503"} <= set(operation["responses"])
@@ -161,22 +160,22 @@ def test_openapi_lists_the_endpoint_and_docs_are_served(server):
 
 # ------------------------------------------------------------------------------------------ validation
 @pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "malformed JSON: Expecting property name enclosed in double quotes at character 1"),
+    (b"{not json", 400, "malformed JSON: key must be a string at line 1 column 2"),
     (b"\xff\xfe", 400, "malformed JSON"),
-    (b"[" * 50000 + b"]" * 50000, 400, "error parsing the body"),
-    (b"[1, 2]", 400, "Input should be a valid dictionary or object to extract fields from, got [1, 2]"),
+    (b"[" * 50000 + b"]" * 50000, 400, "malformed JSON: recursion limit exceeded"),
+    (b"[1, 2]", 400, "Input should be an object, got [1, 2]"),
     (b"", 400, "the body is empty: send a JSON object with the fields " + FIELDS),
     ({}, 400, 'give exactly one of "history" (a list of item ids) or "histories" (a list of lists)'),
     ({"history": [1000], "histories": [[1000]]}, 400, "give exactly one of"),
     ({"history": [1000], "user": 3}, 400, f"unknown field 'user'; the fields are {FIELDS}"),
-    ({"history": "1000"}, 400, 'history: Input should be a valid list, got "1000"'),
+    ({"history": "1000"}, 400, 'history: Input should be a valid array, got "1000"'),
     ({"history": [1000, 1.5]}, 400, "history[1]: must be an item id (an integer or a string), got 1.5"),
     ({"history": [True]}, 400, "history[0]: must be an item id (an integer or a string), got true"),
     ({"history": [[1000]]}, 400, "history[0]: must be an item id (an integer or a string), got [1000]"),
     ({"history": [1000], "k": "5"}, 400, 'k: Input should be a valid integer, got "5"'),
     ({"history": [1000], "exclude_seen": "yes"}, 400, 'exclude_seen: Input should be a valid boolean, got "yes"'),
-    ({"histories": "x"}, 400, 'histories: Input should be a valid list, got "x"'),
-    ({"histories": [[1000], 5]}, 400, "histories[1]: Input should be a valid list, got 5"),
+    ({"histories": "x"}, 400, 'histories: Input should be a valid array, got "x"'),
+    ({"histories": [[1000], 5]}, 400, "histories[1]: Input should be a valid array, got 5"),
     ({"history": []}, 422, "history: List should have at least 1 item"),
     ({"histories": []}, 422, "histories: List should have at least 1 item"),
     ({"histories": [[1000], []]}, 422, "histories[1]: List should have at least 1 item"),
