@@ -28,26 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import REPO_ROOT, machine_facts, publish
+from launch import REPO_ROOT, demo_checkpoint, machine_facts, publish
 
 LINE = re.compile(r"scored ([\d,]+) users in ([\d.]+) s \(([\d,]+) users/s")
-
-
-def make_checkpoint(directory: Path, dim: int):
-    """(checkpoint, catalog) of a random model on the synthetic dataset's catalog."""
-    import torch
-
-    from diffrec_ext import checkpoint as ckpt
-    from diffrec_ext.synthetic import synthetic_dataset
-    from diffrec_ext.train import TrainConfig, build_model
-
-    dataset = synthetic_dataset(seed=0)
-    config = TrainConfig(dim=dim, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, seeds=10)
-    torch.manual_seed(0)
-    catalog = [int(i) for i in dataset.item_original_ids[1:]]
-    path = ckpt.save_model(directory, build_model(config, len(catalog)), config.to_dict(), catalog,
-                           extra={"data": {"path": "synthetic", "synthetic_seed": 0, "k_core": 5}})
-    return path, set(catalog)
 
 
 def write_histories(path: Path, users: int, catalog: set) -> Path:
@@ -102,7 +85,8 @@ def main(argv=None) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="diffrec-score-bench-") as scratch:
         folder = Path(scratch)
-        checkpoint, catalog = make_checkpoint(folder / "ckpt", args.dim)
+        checkpoint = demo_checkpoint(folder / "ckpt", args.dim)
+        catalog = set(json.loads((checkpoint / "items.json").read_text()))
         common = ["--checkpoint", str(checkpoint), "-k", str(args.k), "--chunk-users", str(args.chunk_users)]
         if args.dataset_run:
             run = run_score([*common, "--data", "synthetic", "--out", str(folder / "data.parquet")], args.threads)

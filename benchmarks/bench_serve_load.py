@@ -7,7 +7,9 @@ For each concurrency U and each server: a fresh server process on loopback (port
 thread, the same checkpoint), a short warm-up, then `locust --headless` with U users that each
 post {"history": [...], "k": 10} one after the other (benchmarks/locustfile_serve.py: random
 histories of known items, an answer is a failure unless it is 200 with k items) for --duration
-seconds; requests/s, p50/p99/max latency, failures and the server's resident set afterwards. The
+seconds; requests/s, p50/p99/max latency, failures, the server's CPU time (per request, and in
+cores over the run: on a machine whose cores are all busy, a server with more runnable threads
+gets a larger share of them) and its resident set afterwards. The
 servers alternate order between rounds. The load generator runs on the same machine: both servers
 share the same conditions, and the load averages are printed with every row.
 
@@ -31,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import REPO_ROOT, machine_facts, publish
+from launch import REPO_ROOT, demo_checkpoint, machine_facts, publish
 
 LEGACY_COMMIT = "d9e8aaf681288f3e500df403cf224c6123ec17cb"  # the last commit with the http.server endpoint
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile_serve.py"
@@ -44,21 +46,6 @@ sys.modules[spec.name] = module
 spec.loader.exec_module(module)
 sys.exit(module.main(sys.argv[2:]))
 """
-
-
-def demo_checkpoint(directory: Path) -> Path:
-    """A randomly initialised model of the demo's size on the synthetic catalog."""
-    import torch
-
-    from diffrec_ext import checkpoint as ckpt
-    from diffrec_ext.synthetic import synthetic_dataset
-    from diffrec_ext.train import TrainConfig, build_model
-
-    dataset = synthetic_dataset(seed=0)
-    config = TrainConfig(dim=64, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, seeds=10)
-    torch.manual_seed(0)
-    model = build_model(config, dataset.num_items)
-    return ckpt.save_model(directory, model, config.to_dict(), list(dataset.item_original_ids[1:]))
 
 
 def load_spec(checkpoint: Path, path: Path, k: int, seed: int) -> Path:
@@ -167,14 +154,15 @@ def measure(kind: str, users: int, args, checkpoint: Path, legacy_source: Path |
 
 def table(runs: list[dict]) -> str:
     lines = ["| server | users | requests | failures | requests/s | p50 (ms) | p99 (ms) | max (ms) | server CPU "
-             "per request (ms) | server RSS (MiB) | load average before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "per request (ms) | server CPU used (cores) | server RSS (MiB) | load average before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         load = f"{run['load_average_before'][0]:.2f} / {run['load_average_after'][0]:.2f}"
         rss = f"{run['server_rss_mib']:.0f}" if run["server_rss_mib"] is not None else "-"
         lines.append(f"| {run['server']} | {run['users']} | {run['requests']:,} | {run['failures']} | "
                      f"{run['requests_per_s']:.1f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | {run['max_ms']:.0f} | "
-                     f"{run['server_cpu_ms_per_request']:.2f} | {rss} | {load} |")
+                     f"{run['server_cpu_ms_per_request']:.2f} | "
+                     f"{run['server_cpu_ms_per_request'] * run['requests'] / 1000 / run['seconds']:.2f} | {rss} | {load} |")
     return "\n".join(lines)
 
 

@@ -429,6 +429,8 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
+    from . import __version__
+
     limits, options = limits or ServeLimits(), options or ServeOptions()
     check_settings(engine, limits, options)
     seeds, algorithm = engine.check_options(options.seeds, options.algorithm, options.stride)
@@ -444,8 +446,6 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
         batcher.start()
         yield
         await batcher.stop()
-
-    from . import __version__
 
     app = FastAPI(title="diffrec-ext recommendations", version=__version__, lifespan=lifespan,
                   description="Top-k next items from a DiffRec (or SASRec) checkpoint. Errors are JSON "
