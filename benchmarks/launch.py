@@ -1,6 +1,6 @@
-"""What the multi-process benchmarks share: starting workers in fresh processes (one process, or
-P processes under torchrun, Gloo on a free loopback port, a given number of CPU threads each),
-the machine facts of a report, and printing / saving a report."""
+"""What the benchmarks share: starting workers in fresh processes (one process, or P processes
+under torchrun, Gloo on a free loopback port, a given number of CPU threads each), a checkpoint of
+the demo's model size, the machine facts of a report, and printing / saving a report."""
 
 from __future__ import annotations
 
@@ -32,6 +32,24 @@ def start_worker(arguments: list[str], processes: int, threads: int, distributed
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+
+
+def demo_checkpoint(directory: Path, dim: int = 64) -> Path:
+    """A randomly initialised model of the demo's size (d = 64, 2 layers, T = 20, S = 10,
+    N = 1000) on the built-in synthetic dataset's catalog (inference costs the same as for a
+    trained one); it records that dataset, so `--data` may be left out."""
+    import torch
+
+    from diffrec_ext import checkpoint as ckpt
+    from diffrec_ext.synthetic import synthetic_dataset
+    from diffrec_ext.train import TrainConfig, build_model
+
+    dataset = synthetic_dataset(seed=0)
+    config = TrainConfig(dim=dim, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, seeds=10)
+    torch.manual_seed(0)
+    model = build_model(config, dataset.num_items)
+    return ckpt.save_model(directory, model, config.to_dict(), [int(i) for i in dataset.item_original_ids[1:]],
+                           extra={"data": {"path": "synthetic", "synthetic_seed": 0, "k_core": 5}})
 
 
 def machine_facts() -> dict:

@@ -6,6 +6,7 @@
     train      train a model on any dataset file (every config option is a flag)
     evaluate   evaluate a checkpoint on a dataset split (full ranking, HR/NDCG@5/10/20)
     recommend  top-k for a user of a dataset or for a given history of original item ids
+    score      top-k for every user of a dataset or every history of a file, into Parquet or CSV parts
 """
 
 from __future__ import annotations
@@ -128,10 +129,13 @@ def _load_dataset(spec: dict):
         raise CLIError(str(error)) from None
 
 
-def _add_eval_args(parser):
+def _add_eval_args(parser, engine_names: bool = False):
+    """engine_names: also accept the engine's names, --num-samples for --seeds and --algorithm for --method."""
     group = parser.add_argument_group("inference")
-    group.add_argument("--seeds", type=_positive_int, default=None, help="S: predictions averaged per user (default: the checkpoint's)")
-    group.add_argument("--method", choices=["alg3", "alg2"], default=None,
+    group.add_argument("--seeds", *(["--num-samples"] if engine_names else []), dest="seeds", type=_positive_int,
+                       default=None, help="S: predictions averaged per user (default: the checkpoint's)")
+    group.add_argument("--method", *(["--algorithm"] if engine_names else []), dest="method", choices=["alg3", "alg2"],
+                       default=None,
                        help="alg3: one pass from step N per seed (default); alg2: the full reverse process")
     group.add_argument("--stride", type=_positive_int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
     group.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
@@ -543,6 +547,72 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import os
+
+    import torch
+
+    from . import scoring
+    from .checkpoint import CONFIG_FILE, ITEMS_FILE, MODEL_FILE, CheckpointError, resolve
+    from .data import DataFormatError
+    from .engine import InferenceEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    lead = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: each process scores its share
+        from .distributed import init_process_group_from_env
+
+        context = init_process_group_from_env("nccl" if device.type == "cuda" else "gloo")
+        device, lead = context.device, context.rank == 0
+        args.exit_without_teardown = True  # see main()
+    say = print if lead else (lambda *parts, **options: None)
+    try:
+        batch = {} if args.batch_size is None else {"batch_size": args.batch_size}  # else the engine's default
+        engine = InferenceEngine.from_checkpoint(args.checkpoint, device=device, **batch)
+        directory = resolve(args.checkpoint)
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
+    identity = {"checkpoint": {name: scoring.file_fingerprint(directory / name)["sha256"]
+                               for name in (MODEL_FILE, ITEMS_FILE, CONFIG_FILE)}}
+    sources = {"checkpoint": str(directory.resolve())}
+    try:
+        if args.histories is not None:
+            if args.data is not None:
+                raise CLIError("give --data or --histories, not both")
+            source = scoring.HistoryFile(args.histories, args.histories_format, args.user_field, args.history_field)
+            sources["histories"] = str(source.path.resolve())
+        else:
+            spec = _data_spec(args, engine.meta.get("data"))
+            dataset = _load_dataset(spec)
+            say(_stats_line(dataset))
+            _check_catalog(engine, dataset)
+            fingerprint = {"data": {**spec, "path": Path(spec["path"]).name}}
+            if spec["path"] != SYNTHETIC:
+                fingerprint.update(scoring.file_fingerprint(spec["path"]))
+            source = scoring.DatasetUsers(dataset, fingerprint)
+            sources["data"] = spec["path"]
+        output_format = args.out_format
+        if output_format == "auto":
+            output_format = "csv" if Path(args.out).name.lower().endswith(".csv") else "parquet"
+        report = scoring.score(
+            engine, source, args.out, k=args.k, exclude_seen=True if args.exclude_seen is None else args.exclude_seen,
+            seeds=args.seeds, algorithm=args.method, stride=args.stride, seed=_seed(args, engine.config), chunk_users=args.chunk_users,
+            output_format=output_format, identity=identity, sources=sources, progress=not args.quiet)
+    except (scoring.ScoringError, DataFormatError, ValueError) as error:
+        raise CLIError(str(error)) from None
+    if report.already_complete:
+        say(f"{report.out} is complete already ({report.users:,} users, {report.rows:,} rows in {report.parts} "
+            f"part files): nothing to do")
+        return 0
+    rate = f"{report.users_per_second:,.0f} users/s" if report.scored else "nothing left to score"
+    say(f"scored {report.scored:,} users in {report.seconds:.1f} s ({rate}; {report.processes} process"
+        f"{'es' if report.processes > 1 else ''}; {report.resumed:,} done by an earlier run); {report.out}: "
+        f"{report.rows:,} rows in {report.parts} part files, manifest {scoring.MANIFEST}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # parser
 
@@ -639,6 +709,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(recommend, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(recommend)
     recommend.set_defaults(func=cmd_recommend)
+    from .scoring import HISTORY_FORMATS
+
+    score = sub.add_parser(
+        "score", help="top-k for every user of a dataset or every history of a file, into Parquet or CSV",
+        formatter_class=formatter,
+        description="Top-k recommendations for every user of a dataset (--data, default: the checkpoint's; each "
+                    "user's whole sequence is the history) or every history of a file (--histories: JSON lines "
+                    "{\"user\": ..., \"history\": [...]}, Parquet with a list column, or CSV with the history "
+                    "as space-separated item ids), through the inference engine in chunks. --out is a directory of "
+                    "part files (rows user, rank, item, score in original ids) plus _manifest.json. A killed run "
+                    "continues where it stopped when run again with the same options; under torchrun "
+                    "(`torchrun --nproc_per_node=P -m diffrec_ext score ...`) the chunks are shared across the "
+                    "processes. Rows depend only on the input, the options, --chunk-users and --seed.")
+    score.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    score.add_argument("--histories", default=None, metavar="PATH",
+                       help="score the histories of this file instead of a dataset's users")
+    score.add_argument("--histories-format", default="auto", choices=["auto", *HISTORY_FORMATS],
+                       help="format of --histories (auto: from the name)")
+    score.add_argument("--user-field", default="user", help="--histories: the user field or column")
+    score.add_argument("--history-field", default="history", help="--histories: the history field or column")
+    score.add_argument("--out", required=True, help="output directory (e.g. recs.parquet)")
+    score.add_argument("--out-format", default="auto", choices=["auto", "parquet", "csv"],
+                       help="part file format (auto: csv when --out ends in .csv, else parquet)")
+    score.add_argument("-k", "--k", type=_positive_int, default=10, help="items per user")
+    score.add_argument("--chunk-users", type=_positive_int, default=8192,
+                       help="users per chunk: one engine call and one part file each")
+    score.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch's choice)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
+    _add_eval_args(score, engine_names=True)
+    score.set_defaults(func=cmd_score)
+
     from . import bench_inference, serve
 
     serve.add_cli(sub)
