@@ -40,6 +40,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .model import resolve_step_embedding
+
 FORMAT = "diffrec-ext-checkpoint-v1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -54,7 +56,7 @@ BEST_POINTER = "best.json"
 # change what the weights compute. Every other field, and num_items, is architecture.
 EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling", "importance_loss", "seeds",
                    "inference", "eval_exclude_seen", "eval_batch_size", "lr", "weight_decay", "batch_size", "epochs",
-                   "mode", "samples_per_epoch", "patience", "grad_clip", "seed", "device")
+                   "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip", "seed", "device", "bf16")
 RECORDED_BY = {MODEL_FILE: CONFIG_FILE, STATE_TENSORS_FILE: STATE_FILE}  # tensor file -> JSON with its sha256
 
 
@@ -222,8 +224,12 @@ def save_model(directory, model: torch.nn.Module, config: dict, item_ids, extra:
 
 
 def architecture_of(config: dict, num_items) -> dict:
-    """The fields of a config (as saved in config.json) that decide what the weights compute."""
-    return {**{name: value for name, value in config.items() if name not in EDITABLE_FIELDS}, "num_items": num_items}
+    """The fields of a config (as saved in config.json) that decide what the weights compute; the
+    step embedding resolved, since "auto" depends on the (editable) training mode."""
+    architecture = {name: value for name, value in config.items() if name not in EDITABLE_FIELDS}
+    if "step_embedding" in config:
+        architecture["step_embedding"] = resolve_step_embedding(config["step_embedding"], config.get("mode", ""))
+    return {**architecture, "num_items": num_items}
 
 
 def _jsonable_id(value):

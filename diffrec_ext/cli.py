@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import typing
@@ -54,6 +55,21 @@ _non_negative_int = _int_at_least(0, "a non-negative integer")
 
 # --------------------------------------------------------------------------------------------------
 # shared argument groups
+
+
+THREADS_HELP = "torch CPU threads (0 = the cores this process may use, divided among torchrun's local processes)"
+
+
+def _set_threads(threads: int) -> None:
+    """torch's intra-op threads: `threads`, or with 0 the cores this process may run on divided by
+    the processes torchrun started on this node (torchrun's own default is 1 thread each, which
+    leaves cores idle when there are fewer processes than cores)."""
+    import torch
+
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
 
 
 def _add_data_args(parser, required: bool = False, default_help: str = ""):
@@ -182,6 +198,8 @@ CONFIG_HELP = {
     "samples_per_epoch": "prefix mode: prefixes drawn per epoch (0 = all)",
     "patience": "early stopping after this many epochs without a better valid NDCG@10 (0 = off)",
     "grad_clip": "max gradient norm (0 = off)", "seed": "random seed", "device": "auto, cpu, cuda or cuda:N",
+    "bf16": "bf16 autocast of the forward passes, float32 master weights: auto (on CUDA and on CPUs with native "
+            "bf16), on or off",
 }
 
 
@@ -189,12 +207,11 @@ def _config_choices() -> dict:
     from .inference import METHODS
     from .model import MODEL_KINDS, STEP_EMBEDDINGS
     from .schedules import SCHEDULES
-    from .train import TRAIN_MODES
-
-    from .train import IMPORTANCE_LOSSES
+    from .train import BF16_SETTINGS, IMPORTANCE_LOSSES, TRAIN_MODES
 
     return {"kind": MODEL_KINDS, "mode": TRAIN_MODES, "schedule": SCHEDULES, "inference": METHODS,
-            "importance_loss": IMPORTANCE_LOSSES, "step_embedding": ("auto",) + STEP_EMBEDDINGS}
+            "importance_loss": IMPORTANCE_LOSSES, "step_embedding": ("auto",) + STEP_EMBEDDINGS,
+            "bf16": BF16_SETTINGS}
 
 
 def _add_config_args(parser, defaults: dict | None = None):
@@ -270,8 +287,7 @@ def cmd_demo(args) -> int:
     from .train import TrainConfig, popularity_metrics, train
 
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     dataset = synthetic_dataset(seed=args.synthetic_seed)
     print(_stats_line(dataset) + f"  [generated in {time.perf_counter() - started:.1f}s]")
     base = dict(DEMO_DEFAULTS, seed=args.seed, device=args.device)
@@ -352,7 +368,6 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import os
 
     import torch
 
@@ -360,8 +375,7 @@ def cmd_train(args) -> int:
     from .train import ConfigError, train
 
     config = _config_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     lead = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: data-parallel training
         from .distributed import init_process_group_from_env
@@ -548,7 +562,6 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_score(args) -> int:
-    import os
 
     import torch
 
@@ -557,8 +570,7 @@ def cmd_score(args) -> int:
     from .data import DataFormatError
     from .engine import InferenceEngine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     device = _device(args.device)
     lead = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: each process scores its share
@@ -640,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic data")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--out", default=None, help="keep the two runs (checkpoints, logs) under this directory")
-    demo.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
     demo.add_argument("--quiet", action="store_true", help="no per-epoch output or progress bars")
     demo.set_defaults(func=cmd_demo)
@@ -677,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train, required=True)
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    train.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
@@ -735,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-k", "--k", type=_positive_int, default=10, help="items per user")
     score.add_argument("--chunk-users", type=_positive_int, default=8192,
                        help="users per chunk: one engine call and one part file each")
-    score.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch's choice)")
+    score.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(score, engine_names=True)

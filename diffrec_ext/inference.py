@@ -60,6 +60,13 @@ def posterior(model: DSR, t: int, s: int) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
+def _float_item_layer(model: DSR) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The item layer (W, b) in float32: under bf16 autocast the tied W comes out of a matmul in
+    bf16, and the seed ops take one float dtype for hidden, W and b."""
+    weight, bias = model.item_layer()
+    return weight.float(), None if bias is None else bias.float()
+
+
 def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "alg3",
                generator: torch.Generator | None = None, stride: int = 1,
                noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,13 +257,13 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
             raise ValueError(f"k = {k} exceeds the {min(available)} items left after excluding a user's history")
     model.eval()
     device = model.pos_emb.device
-    weight, bias = model.item_layer()
+    weight, bias = _float_item_layer(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     all_ids, all_scores = [], []
     for start in range(0, len(lists), batch_size):
         chunk = lists[start:start + batch_size]
         ids = inference_input(model, chunk, device)
-        hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
         finite = torch.isfinite(hidden).flatten(1).all(1)
         offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
         scores, items = ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
@@ -324,7 +331,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         _check_history_tensor(histories, model.num_items)
     else:
         _history_lists(histories, model.num_items)  # checks every id, naming its row and position
-    weight, bias = model.item_layer()
+    weight, bias = _float_item_layer(model)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise FloatingPointError(f"the model's output {name} holds NaN/Inf: ranks would be meaningless")
@@ -345,7 +352,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         hist = histories[start:stop]
         ids = inference_input(model, hist, device)
         generator.manual_seed(batch_seed(seed, start // batch_size))
-        hidden = predict_h0(model, ids, seeds, method, generator, stride)
+        hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
         finite = torch.isfinite(hidden).flatten(1).all(1)
         if exclude_seen and seen_offsets is not None:
             lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])

@@ -40,7 +40,16 @@ from .schedules import SCHEDULES, NoiseSchedule
 
 MODEL_KINDS = ("diffrec", "sasrec")
 STEP_EMBEDDINGS = ("all", "target")
+TWO_STREAM_MODES = ("window", "user")  # training modes that supervise every window position in one pass
 PAD = 0
+
+
+def resolve_step_embedding(step_embedding: str, mode: str) -> str:
+    """A config's step_embedding with "auto" resolved: "target" for the two-stream training modes
+    (which draw a step per target, so only the target can carry it), "all" (Eq. 14) otherwise."""
+    if step_embedding != "auto":
+        return step_embedding
+    return "target" if mode in TWO_STREAM_MODES else "all"
 
 
 def padding_mask_of(ids: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ from .data import (TRAIN_MODES, SequenceDataset, evaluation_batch, item_populari
                    training_target_count)
 from .inference import METHODS, shard_users, target_ranks
 from .metrics import KS, popularity_ranks, ranking_metrics
-from .model import DSR, MODEL_KINDS, STEP_EMBEDDINGS
+from .model import DSR, MODEL_KINDS, STEP_EMBEDDINGS, TWO_STREAM_MODES, resolve_step_embedding
 from .sampler import LossSecondMomentSampler
 from .schedules import MAX_STEPS, SCHEDULES
 
@@ -121,9 +121,10 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     seed: int = 42
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    bf16: str = "auto"  # bf16 autocast: "auto" (CUDA, and CPUs with native bf16), "on" or "off"
 
     # fields that may change when a run is resumed
-    RESUMABLE_CHANGES = ("epochs", "patience", "device", "eval_batch_size")
+    RESUMABLE_CHANGES = ("epochs", "patience", "device", "eval_batch_size", "bf16")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -215,6 +216,7 @@ class TrainConfig:
         need("grad_clip", float, 0.0)
         need("seed", int, 0, 2**63 - 1)
         need("device", str)
+        need("bf16", str, choices=BF16_SETTINGS)
         if self.dim % self.heads != 0:
             raise ConfigError(f"dim = {self.dim} must be divisible by heads = {self.heads}")
         if self.two_stream and not self.causal:
@@ -233,13 +235,11 @@ class TrainConfig:
     @property
     def two_stream(self) -> bool:
         """Every position of a window supervised in one pass (model.DSR.forward_two_stream)."""
-        return self.mode in ("window", "user")
+        return self.mode in TWO_STREAM_MODES
 
     @property
     def resolved_step_embedding(self) -> str:
-        if self.step_embedding != "auto":
-            return self.step_embedding
-        return "target" if self.two_stream else "all"
+        return resolve_step_embedding(self.step_embedding, self.mode)
 
     @property
     def resolved_window_stride(self) -> int:
@@ -280,13 +280,27 @@ def dataset_fingerprint(dataset: SequenceDataset) -> dict[str, Any]:
 # Evaluation
 
 
-def autocast_context(device, bf16: bool):
-    """bf16 autocast of the forward passes on CUDA (the encoder's matmuls and attention; LayerNorm
-    outputs, and so f_theta, stay float32, so the fused ops see float32); a no-op on the CPU or when
-    bf16 is False."""
+BF16_SETTINGS = ("auto", "on", "off")
+
+
+def bf16_enabled(setting: str, device) -> bool:
+    """Whether --bf16 `setting` autocasts on `device`: "auto" does on CUDA and on CPUs whose oneDNN
+    has native bf16 (avx512_bf16 / AMX), with float32 master weights either way."""
     device = torch.device(device)
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_context(device, bf16: bool):
+    """bf16 autocast of the forward passes (the encoder's matmuls and attention) on the device's
+    type; the item layer's cross-entropy and the seed ops get float32 f_theta (see _TrainingLoss,
+    inference.target_ranks). A no-op when bf16 is False."""
+    device = torch.device(device)
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -400,6 +414,7 @@ class _TrainingLoss(nn.Module):
             else:
                 f = model(model.build_input(history))
             supervised = None
+        f = f.float()  # bf16 under CPU autocast; the catalog cross-entropy and L_n in float32
         weight, bias = model.item_layer()
         rec_rows = ops.catalog_xent(f, weight, bias, targets)[0]
         l_n = None
@@ -617,16 +632,15 @@ def _training_device(config: TrainConfig, replicas: _Replicas) -> torch.device:
 
 def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume: bool = False,
           progress: bool = True, callback: Callable[[dict], None] | None = None,
-          log: Callable[[str], None] | None = print, extra_meta: dict | None = None,
-          bf16: bool = False) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, extra_meta: dict | None = None) -> dict[str, Any]:
     """Alg. 1 with validation after each epoch; returns {"valid", "test", "popularity", ...}.
 
     `out_dir` (optional) receives epoch checkpoints, best.json / last.json pointers, log.jsonl and
     result.json. `resume` continues the run found in out_dir. `callback(record)` is called after
     each epoch (after its checkpoint is written); if it returns True, training stops after that
     epoch (e.g. a time budget) and the best checkpoint is tested as usual. `extra_meta` is stored in
-    the checkpoints (e.g. how the dataset was read). `bf16`: autocast the forward passes (training
-    and evaluation) to bf16 on CUDA; no effect on the CPU.
+    the checkpoints (e.g. how the dataset was read). config.bf16 decides whether the forward
+    passes (training and evaluation) autocast to bf16 (bf16_enabled).
 
     Data parallel: when the default torch.distributed group has P > 1 processes (torchrun; see
     distributed.init_process_group_from_env), every process calls train() with the same arguments.
@@ -642,6 +656,7 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
                           f"{replicas.size} processes")
     log = (log or (lambda message: None)) if replicas.lead else (lambda message: None)
     device = _training_device(config, replicas)
+    bf16 = bf16_enabled(config.bf16, device)
     out_dir = Path(out_dir) if out_dir is not None else None
     if resume and out_dir is None:
         raise ConfigError("resume needs an output directory")

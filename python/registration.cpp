@@ -31,3 +31,24 @@ TORCH_LIBRARY(diffrec_ext, m) {
       "Tensor targets, Tensor lse) -> (Tensor, Tensor, Tensor)");
   m.def("seeded_dropout(Tensor input, float p, int seed) -> Tensor");
 }
+
+// Autocast: these ops run at the dtypes they are given (each op's own rule: fp32, or bf16/fp16 with
+// fp32 accumulation), never re-cast by an enclosing torch.autocast. Without this the autocast keys
+// fall through, stay enabled inside the kernels, and turn the kernels' internal ATen GEMMs to bf16,
+// which then no longer match the fp32 buffers around them.
+namespace {
+void run_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+void register_without_autocast(torch::Library& m) {
+  for (const char* name : {"denoiser_input", "denoiser_input_backward", "seed_avg_probs", "seed_topk",
+                           "seed_target_rank", "catalog_xent", "catalog_xent_backward", "seeded_dropout"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+  }
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffrec_ext, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(diffrec_ext, AutocastCUDA, m) { register_without_autocast(m); }

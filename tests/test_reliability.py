@@ -849,7 +849,8 @@ for id_, bad, change, match in [
      r"config\.json: num_steps = 5, but model\.safetensors was saved with num_steps = 20"),
     ("schedule-changed", "schedule sqrt -> cosine in config.json", edit_config(schedule="cosine"),
      r"config\.json: schedule = \"cosine\", but model\.safetensors was saved with schedule = \"sqrt\""),
-    ("causal-changed", "causal true -> false in config.json", edit_config(causal=False),
+    ("causal-changed", "causal true -> false in config.json (mode prefix, which allows it)",
+     edit_config(causal=False, mode="prefix", step_embedding="target"),
      r"config\.json: causal = false, but model\.safetensors was saved with causal = true"),
     ("weights-bit-flip", "one bit flipped inside a tensor of model.safetensors", flip_bit(ckpt.MODEL_FILE),
      r"model\.safetensors: its sha256 \w+\.\.\. differs from the \w+\.\.\. recorded in config\.json when it was "
