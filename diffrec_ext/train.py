@@ -284,14 +284,15 @@ BF16_SETTINGS = ("auto", "on", "off")
 
 
 def bf16_enabled(setting: str, device) -> bool:
-    """Whether --bf16 `setting` autocasts on `device`: "auto" does on CUDA and on CPUs whose oneDNN
-    has native bf16 (avx512_bf16 / AMX), with float32 master weights either way."""
+    """Whether --bf16 `setting` autocasts on `device`: "auto" does on CUDA and on CPUs with native
+    bf16 dot products (avx512_bf16 or AMX; oneDNN only emulates bf16 on other AVX-512 CPUs), with
+    float32 master weights either way."""
     device = torch.device(device)
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def autocast_context(device, bf16: bool):

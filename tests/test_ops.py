@@ -325,6 +325,16 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("case", range(len(opcheck_cases())))
+def test_ops_run_at_their_input_dtypes_under_autocast(case):
+    # bf16 training autocasts the model around these ops; their internal GEMMs must stay float32
+    op, args = opcheck_cases()[case]
+    plain = op(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = op(*args)
+    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+
+
 def test_ops_under_torch_compile_fullgraph():
     item, pos, steps, sa, so, noise, mask = denoiser_case(4, 6, 16, 1, torch.float32, True)
     hidden, weight, bias = catalog_case(4, 3, 16, 300, torch.float32)

@@ -70,13 +70,13 @@ run() {  # run BF16_FLAG: reproduce.py with the time that is left
   return $rc
 }
 
-run --bf16
+run "--bf16 on"
 rc=$?
 if [ $rc -ne 0 ] && ! ls "$OUT"/reproduce_*.json "$OUT"/analysis_*.json > /dev/null 2>&1 \
    && [ $(( LIMIT - $(elapsed) )) -gt 150 ]; then
   echo "retrying without bf16 autocast" | tee -a "$LOG"
   tail -30 "$OUT/reproduce.log" >> "$LOG"
-  run --no-bf16
+  run "--bf16 off"
   rc=$?
 fi
 grep -E "^(dataset|   .*: best epoch|   .*chosen|   S = |     seed|wrote|total)" "$OUT/reproduce.log" >> "$LOG"
