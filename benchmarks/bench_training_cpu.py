@@ -29,13 +29,19 @@ Systems:
   `pip install torch==2.13.0 recbole==1.2.1 "numpy<2" "pandas<2.3" "scipy<1.14" "setuptools<80"`;
   the driver it runs is written by this script into the work dir (RECBOLE_DRIVER below).
 - sasrec-{fp32,bf16} / diffrec-{fp32,bf16}: `python -m diffrec_ext train` in window mode (the
-  default), --bf16 off / auto, with the recommended settings (best on the validation split in the
-  earlier ML-1M exploration): SASRec `--kind sasrec --dim 64 --lr 2e-3 --dropout 0.3`, DiffRec
-  `--kind diffrec --dim 64 --tie-output --input-scale 0.2 --lr 2e-3 --dropout 0.3`; --max-len 50,
-  --batch-size 256, --k-core 1 = no filter (Beauty.txt is already 5-core: both sides see the same users, items
-  and interactions, checked and printed), and --no-eval-exclude-seen so that validation ranks the
-  seen items too, as RecBole does. Targets per epoch and per second come from log.jsonl
-  (`coverage` x training targets, `targets_per_s`).
+  default), --bf16 off / on (on, not auto: auto autocasts only on CPUs with native bf16, avx512_bf16
+  or AMX, so on a CPU without them auto would repeat the fp32 run; the report says what auto
+  picks), with the recommended settings (best on the validation split in the earlier ML-1M
+  exploration): SASRec `--kind sasrec --dim 64 --lr 2e-3 --dropout 0.3`, DiffRec `--kind diffrec
+  --dim 64 --tie-output --input-scale 0.2 --lr 2e-3 --dropout 0.3`; --max-len 50, --batch-size 256,
+  --k-core 1 = no filter (Beauty.txt is already 5-core: both sides see the same users, items and
+  interactions, checked and printed), and --no-eval-exclude-seen so that validation ranks the seen
+  items too, as RecBole does. Targets per epoch and per second come from log.jsonl (`coverage` x
+  training targets, `targets_per_s`).
+
+A system that finishes no epoch inside the budget still gets a training rate, marked ~ in the
+table: the rate inside its unfinished first epoch (RecBole's driver prints its batches; ours draws
+its tqdm bar on a pseudo-terminal that this script reads).
 
 Outputs in --out (default results/train_bench_cpu): table.md, table.csv and run.json (machine,
 commit, command, per-system epochs and load averages). The converted .inter file, RecBole's files
@@ -72,9 +78,9 @@ OURS_COMMON = ["--dim", "64", "--lr", "2e-3", "--dropout", "0.3", "--max-len", "
 SYSTEMS = {
     "recbole-sasrec": None,
     "sasrec-fp32": ["--kind", "sasrec", "--bf16", "off"],
-    "sasrec-bf16": ["--kind", "sasrec", "--bf16", "auto"],
+    "sasrec-bf16": ["--kind", "sasrec", "--bf16", "on"],
     "diffrec-fp32": ["--kind", "diffrec", "--tie-output", "--input-scale", "0.2", "--bf16", "off"],
-    "diffrec-bf16": ["--kind", "diffrec", "--tie-output", "--input-scale", "0.2", "--bf16", "auto"],
+    "diffrec-bf16": ["--kind", "diffrec", "--tie-output", "--input-scale", "0.2", "--bf16", "on"],
 }
 
 RECBOLE_DRIVER = r'''
@@ -124,12 +130,13 @@ emit({"event": "ready", **counts, "train_targets": targets,
 
 progress = {"batches": 0, "targets": 0, "epoch_start": None}
 calculate_loss = model.calculate_loss
-def counted_loss(interaction):
+def counted_loss(interaction):  # called at the start of each batch: the batches counted so far are done
+    if progress["batches"] and progress["batches"] % 2 == 0:
+        emit({"event": "progress", "batches": progress["batches"], "of_batches": len(train_data),
+              "targets": progress["targets"],
+              "train_seconds": round(time.perf_counter() - progress["epoch_start"], 3)})
     progress["batches"] += 1
     progress["targets"] += len(interaction)
-    if progress["batches"] % 2 == 0:
-        emit({"event": "progress", "batches": progress["batches"], "targets": progress["targets"],
-              "train_seconds": round(time.perf_counter() - progress["epoch_start"], 3)})
     return calculate_loss(interaction)
 model.calculate_loss = counted_loss
 
@@ -355,6 +362,8 @@ def run_ours(args, system: str, env: dict, work: Path) -> dict:
     command = [sys.executable, "-m", "diffrec_ext", "train", "--data", str(args.data), "--format", "sequence",
                "--out", str(run_dir), "--threads", str(args.threads), "--quiet", "--epochs", "100000",
                *OURS_COMMON, *SYSTEMS[system]]
+    if system.startswith("diffrec") and args.diffrec_seeds:
+        command += ["--seeds", str(args.diffrec_seeds)]
     command = [c for c in command if c != "--quiet"]  # the progress bar (on a pty) tells the partial epoch
     run = run_budgeted(command, args.minutes * 60, env, REPO, work / f"ours_{system}.stdout.log", tty_stderr=True)
     epochs = []
@@ -390,11 +399,18 @@ def run_ours(args, system: str, env: dict, work: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def _partial_label(partial: dict | None) -> str:
+    if not partial:
+        return "-"
+    if partial.get("of_batches") and partial["batches"] >= partial["of_batches"]:
+        return "the first epoch's training (its validation unfinished)"
+    return "the unfinished first epoch"
+
+
 def summarize(result: dict, all_targets: int, threads: int) -> dict:
     epochs = result["epochs"]
     row = {"system": result["system"], "threads": threads, "bf16": result["bf16"], "epochs_done": len(epochs),
-           "rate_from": "finished epochs" if epochs else ("the unfinished first epoch" if result.get("partial_epoch")
-                                                          else "-")}
+           "rate_from": "finished epochs" if epochs else _partial_label(result.get("partial_epoch"))}
     if result["system"] == "recbole-sasrec":
         per_epoch = [e["targets"] for e in epochs] or [result["targets_per_epoch"]]
         rates = [e["targets_per_s"] for e in epochs]
@@ -408,6 +424,9 @@ def summarize(result: dict, all_targets: int, threads: int) -> dict:
             p = result["partial_epoch"]
             rates = [p["batches"] / p["of_batches"] * all_targets / p["train_seconds"]]
     train_s = [e["train_seconds"] for e in epochs]
+    partial = result.get("partial_epoch")
+    if not epochs and partial and partial.get("of_batches") and partial["batches"] >= partial["of_batches"]:
+        train_s = [partial["train_seconds"]]  # its training pass finished, its validation did not
     total_s = [e["seconds"] for e in epochs]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     last = epochs[-1]["valid"] if epochs else {}
@@ -445,6 +464,18 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
                      f"| {'~' if r['rate_from'] != 'finished epochs' and r['targets_per_s'] else ''}{fmt(r['targets_per_s'], ',.0f')} | {r['epochs_done']} | {fmt(r['valid_NDCG@10'], '.4f')} "
                      f"| {fmt(r['valid_HR@10'], '.4f')} | {r['seen_excluded']} | {r['load_start']} "
                      f"| {r['load_end']} | {fmt(r['cores_used'], '.2f')} |")
+    unfinished = []
+    for result in meta.get("results", []):
+        partial = result.get("partial_epoch")
+        if result["epochs"] or not partial:
+            continue
+        if partial.get("of_batches") and partial["batches"] >= partial["of_batches"]:
+            unfinished.append(f"{result['system']} finished its first training pass in {partial['train_seconds']:.0f} s, "
+                              f"its validation did not finish inside the budget")
+        else:
+            unfinished.append(f"{result['system']} trained {partial['batches']:,}"
+                              + (f" of {partial['of_batches']:,}" if partial.get("of_batches") else "")
+                              + f" batches of its first epoch in {partial['train_seconds']:.0f} s")
     ratios = {ours: meta[f"ratio_{ours}_to_recbole_targets_per_s"] for ours in ("sasrec-fp32", "sasrec-bf16")
               if f"ratio_{ours}_to_recbole_targets_per_s" in meta}
     text = [f"# Training benchmark on the CPU (Beauty, d = 64, T = 50, batch 256)", "",
@@ -453,30 +484,33 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
             f"budget {meta['minutes']} min of wall time per system (start-up and validation included), "
             f"systems run one after another.", "",
             f"Command: `{meta['command']}`", "", *lines, ""]
+    if unfinished:
+        text += ["No epoch inside the budget: " + "; ".join(unfinished) + ".", ""]
     if ratios:
         text.append("Training targets/s, ours SASRec / RecBole SASRec: "
                     + ", ".join(f"{ours} **{ratio:.2f}x**" for ours, ratio in ratios.items())
                     + " (issue 12's target: >= 5x).")
         text.append("")
     m = meta["machine"]
-    text += [f"bf16 auto on this CPU: oneDNN reports bf16 support = {m['onednn_bf16_supported']} (so --bf16 auto "
-             f"autocasts: {'yes' if m['onednn_bf16_supported'] else 'no'}); the CPU flags avx512_bf16 = "
-             f"{m['avx512_bf16_flag']}, amx_bf16 = {m['amx_bf16_flag']} (without them oneDNN emulates bf16 "
-             f"arithmetic with AVX-512 conversions, no native bf16 dot products).", ""]
+    text += [f"bf16: the bf16 rows ran `--bf16 on` (autocast forced). `--bf16 auto` on this CPU picks "
+             f"{'bf16' if m['bf16_auto_picks_bf16'] else 'float32'} (CPU flags avx512_bf16 = {m['avx512_bf16_flag']}, "
+             f"amx_bf16 = {m['amx_bf16_flag']}; oneDNN bf16 usable = {m['onednn_bf16_supported']}: without those "
+             f"flags it emulates bf16 with AVX-512 conversions, no native bf16 dot products).", ""]
     c = meta["counts"]
     text += [f"Data: {c['ours']['users']:,} users, {c['ours']['items']:,} items, {c['ours']['interactions']:,} "
              f"interactions on both sides (RecBole: {c['recbole']['users']:,} / {c['recbole']['items']:,} / "
              f"{c['recbole']['interactions']:,}); training targets per epoch (every training item after a user's "
              f"first): {c['ours']['train_targets']:,}.", "",
-             "Notes: ~targets/s = no epoch finished inside the budget: the rate within the unfinished first epoch "
-             "(batches done x targets per batch / its seconds so far). Cores used = the process's CPU seconds / its wall seconds (with the load average, how much of "
+             "Notes: ~targets/s = no epoch (training and validation) finished inside the budget: the rate within "
+             "the first epoch's training so far (batches done x targets per batch / its seconds so far; "
+             "table.csv's rate_from says whether that training pass had finished). Cores used = the process's CPU seconds / its wall seconds (with the load average, how much of "
              "the machine it got). targets/s = supervised next-item predictions per second of training (validation excluded). "
              "RecBole's SASRec trains on every prefix of the training part (one target per prefix, last "
              "position); ours runs window mode (each training target once per epoch, all positions of a "
              "window in one pass). Validation NDCG@10 / HR@10 are each system's own full ranking of the "
              "leave-one-out validation item, at the last epoch finished inside the budget; seen items are "
              "ranked too on both sides (RecBole never removes them for sequential models; ours ran with "
-             "--no-eval-exclude-seen). RecBole: torch " + meta["recbole_versions"] + "; ours: torch "
+             "--no-eval-exclude-seen). RecBole's venv: recbole, torch, numpy = " + meta["recbole_versions"] + "; ours: torch "
              + meta["torch"] + ". Context: RecBole's MAX_ITEM_LIST_LENGTH 50 = up to 50 history items; our "
              "--max-len 50 = up to 49 history items plus the target slot.", ""]
     (out / "table.md").write_text("\n".join(text), encoding="utf-8")
@@ -495,7 +529,10 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16_flag": "avx512_bf16" in flags,
+    from diffrec_ext.train import bf16_enabled
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "bf16_auto_picks_bf16": bf16_enabled("auto", "cpu"),
+            "avx512_bf16_flag": "avx512_bf16" in flags,
             "amx_bf16_flag": "amx_bf16" in flags,
             "onednn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform(),
@@ -518,6 +555,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/diffrec_ext/bench_train",
                         help="converted data and run directories")
     parser.add_argument("--out", type=Path, default=REPO / "results/train_bench_cpu")
+    parser.add_argument("--diffrec-seeds", type=int, default=0,
+                        help="DiffRec's --seeds (predictions averaged per validation ranking; 0 = its default, "
+                             "10: its validation then costs about 10 SASRec validations)")
     parser.add_argument("--quick", action="store_true",
                         help="1 minute per system, report into a temp dir unless --out is given")
     args = parser.parse_args(argv)
@@ -540,7 +580,7 @@ def main(argv=None) -> int:
                                              *sys.argv[1:]]),
             "machine": machine(), "threads": args.threads, "minutes": args.minutes, "torch": torch.__version__,
             "load_at_start": load(), "systems": systems, "ours_common_flags": OURS_COMMON,
-            "ours_flags": {s: SYSTEMS[s] for s in systems if SYSTEMS[s]}}
+            "ours_flags": {s: SYSTEMS[s] for s in systems if SYSTEMS[s]}, "diffrec_seeds": args.diffrec_seeds or "default"}
 
     counts_ours = our_counts(args.data)
     data_path, name, counts_file = convert_to_inter(args.data, args.work)

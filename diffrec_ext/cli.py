@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 
 DEMO_DEFAULTS = dict(
-    dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="prefix", samples_per_epoch=30000,
+    dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="window",
     batch_size=256, lr=1e-3, seeds=10, num_steps=1000, schedule="sqrt", epochs=5,
 )
 DEMO_SASREC_EPOCHS = 5
@@ -300,7 +300,7 @@ def cmd_demo(args) -> int:
                                 "epochs": base["epochs"] if kind == "diffrec" or args.epochs is not None
                                 else DEMO_SASREC_EPOCHS})
         print(f"\n== {kind}: " + ", ".join(f"{k}={getattr(config, k)}" for k in (
-            "dim", "layers", "heads", "max_len", "mode", "samples_per_epoch", "epochs", "num_steps", "seeds")))
+            "dim", "layers", "heads", "max_len", "mode", "epochs", "num_steps", "seeds", "input_scale")))
         t0 = time.perf_counter()
         out_dir = out_root / kind if out_root else None
         results[kind] = train(config, dataset, out_dir, progress=not args.quiet,

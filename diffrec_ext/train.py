@@ -217,6 +217,9 @@ class TrainConfig:
         need("seed", int, 0, 2**63 - 1)
         need("device", str)
         need("bf16", str, choices=BF16_SETTINGS)
+        if self.samples_per_epoch and self.mode != "prefix":
+            raise ConfigError(f"samples_per_epoch = {self.samples_per_epoch} draws prefixes: it needs mode 'prefix', "
+                              f"got mode {self.mode!r} (which trains on every target each epoch)")
         if self.dim % self.heads != 0:
             raise ConfigError(f"dim = {self.dim} must be divisible by heads = {self.heads}")
         if self.two_stream and not self.causal:

@@ -154,8 +154,8 @@ def test_download_calls_the_downloader(monkeypatch, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_on_tiny_settings(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "DEMO_DEFAULTS", {**cli.DEMO_DEFAULTS, "dim": 16, "layers": 1, "samples_per_epoch": 300,
-                                               "num_steps": 20, "seeds": 2})
+    monkeypatch.setattr(cli, "DEMO_DEFAULTS", {**cli.DEMO_DEFAULTS, "dim": 16, "layers": 1, "num_steps": 20,
+                                               "seeds": 2})
     code, out, _ = run(capsys, "demo", "--epochs", "1", "--quiet", "--device", "cpu")
     assert code == 0
     for name in ("popularity", "SASRec", "DiffRec", "HR@5", "NDCG@20", "x popularity"):

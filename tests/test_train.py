@@ -44,6 +44,8 @@ def metrics_of(result):
     (dict(input_scale=0.0), "input_scale must be > 0"),
     (dict(importance_loss="ce"), "importance_loss must be one of"),
     (dict(attn_dropout=1.0), "attn_dropout"),
+    (dict(mode="window", samples_per_epoch=1000), "samples_per_epoch = 1000 draws prefixes: it needs mode 'prefix'"),
+    (dict(bf16="yes"), "bf16 must be one of"),
 ])
 def test_malformed_config_values_get_clear_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
