@@ -13,12 +13,10 @@ namespace diffrec {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Ids (items, steps, offsets) must be int64 and lie in [lo, hi). On failure the message names
-// the first offending position and its value. Skipped for CUDA tensors while a CUDA graph is
-// being captured (a device-to-host read is not allowed there).
+// the first offending position and its value. For CUDA tensors only the dtype is checked here:
+// the CUDA ops check the values on the device, with the same messages, without a host sync per
+// check (csrc/cuda/device_checks.cuh).
 void check_ids_in_range(const at::Tensor& ids, int64_t lo, int64_t hi, const char* name);
-
-// Set by the CUDA translation unit at load time; null in a CPU-only build.
-extern bool (*cuda_stream_is_capturing)();
 
 void check_float_tensor(const at::Tensor& t, const char* name);
 void check_same_device(const at::Tensor& reference, const at::Tensor& t, const char* ref_name,
@@ -41,7 +39,7 @@ int64_t check_catalog_args(const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, bool seeded);
 
 // CSR exclusion list: both present or both absent; offsets [B + 1] non-decreasing from 0 to nnz;
-// ids in [0, V).
+// ids in [0, V). The values of CUDA tensors are checked by the CUDA ops (see check_ids_in_range).
 void check_exclusion_args(const c10::optional<at::Tensor>& exclude_offsets,
                           const c10::optional<at::Tensor>& exclude_ids, int64_t batch,
                           int64_t num_items, const at::Tensor& hidden);

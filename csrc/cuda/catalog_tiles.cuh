@@ -124,6 +124,13 @@ __device__ __forceinline__ Quad<T> load_quad(const T* p) {
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
+
+// exp(x) for x <= 0 inside a log-sum-exp: every term is <= 1 and only their sum is kept, and the
+// sum is shared by all items of a row, so __expf's few-ulp error (and its flush of terms below
+// 1e-38, far under the sum's rounding) moves the lse by rounding only and cannot reorder items.
+// Scores that are ranked (pass 2) use the accurate exp_acc.
+__device__ __forceinline__ float exp_in_sum(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_in_sum(double x) { return exp(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 template <typename acc_t>
@@ -142,7 +149,7 @@ __device__ __forceinline__ void merge_max_sum(acc_t& max, acc_t& sum, acc_t othe
                                               acc_t other_sum) {
   const acc_t merged = other_max > max ? other_max : max;
   if (merged == negative_infinity<acc_t>()) return;  // both empty: exp(-inf - -inf) is NaN
-  sum = sum * exp_acc(max - merged) + other_sum * exp_acc(other_max - merged);
+  sum = sum * exp_in_sum(max - merged) + other_sum * exp_in_sum(other_max - merged);
   max = merged;
 }
 
@@ -154,7 +161,11 @@ struct LogSumExpTile {
   int64_t rows;
   int64_t width;
   int64_t first_item;
+  int64_t num_items;
+  int64_t span;          // columns of one block (blockIdx.y), a multiple of kLseStep
   const scalar_t* bias;  // [V] or nullptr
+  acc_t* partial_max;    // [rows, gridDim.y] when the tile is split over blockIdx.y, else nullptr
+  acc_t* partial_sum;
   acc_t* running_max;    // [rows], carried from tile to tile
   acc_t* running_sum;    // [rows]
   bool first_tile;
@@ -170,56 +181,16 @@ constexpr int kWarpSize = 32;
 constexpr int kLseThreads = 256;
 constexpr int kLseRowsPerBlock = kLseThreads / kWarpSize;  // one warp per row
 constexpr int kLseQuadsPerStep = 4;  // quads a lane loads before folding them (memory parallelism)
+constexpr int64_t kLseStep = int64_t(kWarpSize) * 4 * kLseQuadsPerStep;  // columns per warp step
 
+// Folds the row's (max, sum) over this tile into the running state; on the last tile writes the
+// lse and the loss. With targets, keeps the raw logit of the row's target when it is in the tile.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kLseThreads)
-    logsumexp_tile_kernel(LogSumExpTile<scalar_t, acc_t> p) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = int64_t(blockIdx.x) * kLseRowsPerBlock + threadIdx.x / kWarpSize;
-  if (row >= p.rows) return;  // whole warps only
-  const acc_t* line = p.logits + row * p.ld;
-  const acc_t minus_inf = negative_infinity<acc_t>();
-  acc_t run_max = minus_inf, run_sum = 0;
-  constexpr int64_t kStep = int64_t(kWarpSize) * 4 * kLseQuadsPerStep;
-  for (int64_t base = int64_t(lane) * 4; base < p.width; base += kStep) {
-    acc_t x[kLseQuadsPerStep][4];
-#pragma unroll
-    for (int q = 0; q < kLseQuadsPerStep; ++q) {
-      const int64_t j = base + int64_t(q) * kWarpSize * 4;
-      Quad<acc_t> raw{};
-      if (j < p.width) raw = load_quad(line + j);  // j + 3 < ld: ld is a multiple of 4
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        x[q][c] = j + c < p.width ? raw.v[c] + bias_at<acc_t>(p.bias, p.first_item + j + c)
-                                  : minus_inf;
-      }
-    }
-    // Max first, then one exp per logit: no per-element rescaling.
-    acc_t step_max = minus_inf;
-#pragma unroll
-    for (int q = 0; q < kLseQuadsPerStep; ++q)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) step_max = x[q][c] > step_max ? x[q][c] : step_max;
-    const acc_t new_max = step_max > run_max ? step_max : run_max;
-    if (new_max == minus_inf) continue;
-    acc_t sum = run_sum * exp_acc(run_max - new_max);
-#pragma unroll
-    for (int q = 0; q < kLseQuadsPerStep; ++q)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) sum += exp_acc(x[q][c] - new_max);
-    run_max = new_max;
-    run_sum = sum;
-  }
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const acc_t other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);
-    const acc_t other_sum = __shfl_xor_sync(0xffffffffu, run_sum, offset);
-    merge_max_sum(run_max, run_sum, other_max, other_sum);
-  }
-  if (lane != 0) return;
+__device__ void finish_logsumexp_row(const LogSumExpTile<scalar_t, acc_t>& p, int64_t row,
+                                     acc_t run_max, acc_t run_sum) {
   if (p.targets != nullptr) {
     const int64_t column = p.targets[row / p.rows_per_target] - p.first_item;
-    if (column >= 0 && column < p.width) p.target_logit[row] = line[column];
+    if (column >= 0 && column < p.width) p.target_logit[row] = p.logits[row * p.ld + column];
   }
   if (!p.first_tile) merge_max_sum(run_max, run_sum, p.running_max[row], p.running_sum[row]);
   if (!p.last_tile) {
@@ -230,18 +201,122 @@ __global__ void __launch_bounds__(kLseThreads)
   const acc_t lse = run_max + log_acc(run_sum);
   p.lse[row] = lse;
   if (p.loss != nullptr) {
-    // Target -1: the target lies in another shard of the catalog, the row's loss is its lse.
+    // Target -1: the target lies in another shard of the catalog, the row's loss is its lse. A
+    // target out of range fails the op's device checks; it must not read past the bias.
     const int64_t target = p.targets[row / p.rows_per_target];
-    p.loss[row] =
-        target < 0 ? lse : lse - (p.target_logit[row] + bias_at<acc_t>(p.bias, target));
+    p.loss[row] = target < 0 ? lse
+                  : target < p.num_items
+                      ? lse - (p.target_logit[row] + bias_at<acc_t>(p.bias, target))
+                      : std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
+// Block (8 rows, columns [blockIdx.y * span, + span) of the tile): one warp per row. Unsplit
+// (gridDim.y = 1), lane 0 finishes the row; split, it leaves a partial (max, sum) for
+// logsumexp_merge_kernel.
 template <typename scalar_t, typename acc_t>
-void launch_logsumexp_tile(const LogSumExpTile<scalar_t, acc_t>& tile, cudaStream_t stream) {
-  const int64_t blocks = (tile.rows + kLseRowsPerBlock - 1) / kLseRowsPerBlock;
-  logsumexp_tile_kernel<scalar_t, acc_t><<<blocks, kLseThreads, 0, stream>>>(tile);
+__global__ void __launch_bounds__(kLseThreads)
+    logsumexp_tile_kernel(LogSumExpTile<scalar_t, acc_t> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = int64_t(blockIdx.x) * kLseRowsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= p.rows) return;  // whole warps only
+  const acc_t* line = p.logits + row * p.ld;
+  const acc_t minus_inf = negative_infinity<acc_t>();
+  acc_t run_max = minus_inf, run_sum = 0;
+  const int64_t begin = int64_t(blockIdx.y) * p.span;
+  const int64_t end = begin + p.span < p.width ? begin + p.span : p.width;
+  for (int64_t base = begin + int64_t(lane) * 4; base < end; base += kLseStep) {
+    acc_t x[kLseQuadsPerStep][4];
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q) {
+      const int64_t j = base + int64_t(q) * kWarpSize * 4;
+      Quad<acc_t> raw{};
+      if (j < end) raw = load_quad(line + j);  // j + 3 < ld: ld is a multiple of 4
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        x[q][c] = j + c < end ? raw.v[c] + bias_at<acc_t>(p.bias, p.first_item + j + c)
+                              : minus_inf;
+      }
+    }
+    // Max first, then one exp per logit: no per-element rescaling.
+    acc_t step_max = minus_inf;
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) step_max = x[q][c] > step_max ? x[q][c] : step_max;
+    const acc_t new_max = step_max > run_max ? step_max : run_max;
+    if (new_max == minus_inf) continue;
+    acc_t sum = run_sum * exp_in_sum(run_max - new_max);
+#pragma unroll
+    for (int q = 0; q < kLseQuadsPerStep; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sum += exp_in_sum(x[q][c] - new_max);
+    run_max = new_max;
+    run_sum = sum;
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const acc_t other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);
+    const acc_t other_sum = __shfl_xor_sync(0xffffffffu, run_sum, offset);
+    merge_max_sum(run_max, run_sum, other_max, other_sum);
+  }
+  if (lane != 0) return;
+  if (p.partial_max != nullptr) {
+    p.partial_max[row * gridDim.y + blockIdx.y] = run_max;
+    p.partial_sum[row * gridDim.y + blockIdx.y] = run_sum;
+    return;
+  }
+  finish_logsumexp_row(p, row, run_max, run_sum);
+}
+
+// Thread = row: folds the row's partials of a split tile in column order (deterministic) and
+// finishes the row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kLseThreads)
+    logsumexp_merge_kernel(LogSumExpTile<scalar_t, acc_t> p, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= p.rows) return;
+  acc_t run_max = negative_infinity<acc_t>(), run_sum = 0;
+  for (int y = 0; y < splits; ++y) {
+    merge_max_sum(run_max, run_sum, p.partial_max[row * splits + y],
+                  p.partial_sum[row * splits + y]);
+  }
+  finish_logsumexp_row(p, row, run_max, run_sum);
+}
+
+// Column splits of a tile so that the grid has about two blocks per multiprocessor: with few rows
+// (catalog_xent at B = 256: 32 blocks of whole rows) the tile is cut along its columns instead.
+inline int logsumexp_splits(int64_t rows, int64_t width) {
+  const int64_t row_blocks = (rows + kLseRowsPerBlock - 1) / kLseRowsPerBlock;
+  const int64_t wanted_blocks =
+      2 * int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t steps = (width + kLseStep - 1) / kLseStep;
+  return static_cast<int>(
+      std::clamp<int64_t>((wanted_blocks + row_blocks - 1) / row_blocks, 1, steps));
+}
+
+// The tile's log-sum-exp step; `partials` holds [rows, splits] maxima then sums, for the split
+// case (at least 2 * rows * logsumexp_splits(rows, tile width) elements).
+template <typename scalar_t, typename acc_t>
+void launch_logsumexp_tile(LogSumExpTile<scalar_t, acc_t> tile, acc_t* partials,
+                           cudaStream_t stream) {
+  const int splits = logsumexp_splits(tile.rows, tile.width);
+  const int64_t steps = (tile.width + kLseStep - 1) / kLseStep;
+  tile.span = (steps + splits - 1) / splits * kLseStep;
+  const int used = static_cast<int>((tile.width + tile.span - 1) / tile.span);
+  if (used > 1) {
+    tile.partial_max = partials;
+    tile.partial_sum = partials + tile.rows * used;
+  }
+  const dim3 grid(static_cast<unsigned int>((tile.rows + kLseRowsPerBlock - 1) / kLseRowsPerBlock),
+                  static_cast<unsigned int>(used));
+  logsumexp_tile_kernel<scalar_t, acc_t><<<grid, kLseThreads, 0, stream>>>(tile);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (used > 1) {
+    const int64_t blocks = (tile.rows + kLseThreads - 1) / kLseThreads;
+    logsumexp_merge_kernel<scalar_t, acc_t><<<blocks, kLseThreads, 0, stream>>>(tile, used);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Runs the GEMM + online log-sum-exp sweep over the whole catalog for hidden[rows, dim]. Returns
@@ -257,6 +332,7 @@ at::Tensor catalog_logsumexp(const scalar_t* hidden, int64_t rows, int64_t dim,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor running_max = at::empty({rows}, logits.options());
   at::Tensor running_sum = at::empty({rows}, logits.options());
+  at::Tensor partials = at::empty({2 * rows * logsumexp_splits(rows, tile)}, logits.options());
   for (int64_t first = 0; first < num_items; first += tile) {
     const int64_t width = std::min(tile, num_items - first);
     catalog_logits_tile(hidden, rows, dim, weight, first, width, logits.data_ptr<acc_t>(), tile);
@@ -266,6 +342,7 @@ at::Tensor catalog_logsumexp(const scalar_t* hidden, int64_t rows, int64_t dim,
     step.rows = rows;
     step.width = width;
     step.first_item = first;
+    step.num_items = num_items;
     step.bias = bias;
     step.running_max = running_max.data_ptr<acc_t>();
     step.running_sum = running_sum.data_ptr<acc_t>();
@@ -276,7 +353,7 @@ at::Tensor catalog_logsumexp(const scalar_t* hidden, int64_t rows, int64_t dim,
     step.target_logit = target_logit;
     step.lse = running_max.data_ptr<acc_t>();
     step.loss = loss;
-    launch_logsumexp_tile(step, stream);
+    launch_logsumexp_tile(step, partials.data_ptr<acc_t>(), stream);
   }
   return running_max;  // holds the lse after the last tile
 }

@@ -18,6 +18,7 @@
 
 #include "catalog_tiles.cuh"
 #include "checks.h"
+#include "device_checks.cuh"
 
 namespace diffrec::cuda {
 namespace {
@@ -116,6 +117,8 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cuda(const at::Tensor& hidden,
   check_targets(targets, batch, num_items, hidden, /*allow_absent=*/true);
   check_fits_int32(num_items, "the number of items V");
   check_fits_int32(batch, "B");
+  DeviceChecks checks(hidden, "catalog_xent");
+  checks.ids_in_range(targets, -1, num_items, "targets");
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
   const at::Tensor targets_c = targets.contiguous();
   const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
@@ -135,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> catalog_xent_cuda(const at::Tensor& hidden,
                                 /*rows_per_target=*/1, target_logit.data_ptr<acc_t>(),
                                 loss.data_ptr<acc_t>());
       });
+  checks.raise_if_failed();
   return {loss, lse};
 }
 
@@ -148,6 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cuda(
   check_xent_backward_rows(grad_loss, lse, hidden);
   check_fits_int32(num_items, "the number of items V");
   check_fits_int32(batch, "B");
+  DeviceChecks checks(hidden, "catalog_xent_backward");
+  checks.ids_in_range(targets, -1, num_items, "targets");
   const auto acc_type = at::toOpMathType(hidden.scalar_type());
   const auto acc_options = hidden.options().dtype(acc_type);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
@@ -206,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> catalog_xent_backward_cuda(
         }
         if (!kGradInPlace) grad_hidden.copy_(grad_hidden_acc);
       });
+  checks.raise_if_failed();
   return {grad_hidden, grad_weight, grad_bias};
 }
 

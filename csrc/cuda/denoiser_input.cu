@@ -11,8 +11,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "checks.h"
+#include "device_checks.cuh"
 #include "device_utils.cuh"
 
 namespace diffrec::cuda {
@@ -49,7 +51,7 @@ struct DenoiserInput {
   const scalar_t* noise;      // [B, K, d]
   const bool* padding;        // [B, T] or nullptr
   scalar_t* out;              // [B, T, d]
-  int64_t length, dim, noised;
+  int64_t length, dim, noised, num_steps;
   int64_t rows_per_block, row_groups, column_blocks;
   bool add_position, per_position;
 };
@@ -63,20 +65,27 @@ __device__ __forceinline__ int64_t step_of(const int64_t* steps, bool per_positi
   return k >= 0 ? steps[b * noised + k] : -1;
 }
 
+// frequency[j] = w_j / pi of column j of the step embedding, w_j = 10000^(-2 floor(j / 2) / d),
+// once per launch in double.
+__global__ void __launch_bounds__(kThreads) step_frequency_kernel(double* frequency, int64_t dim) {
+  const int64_t column = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (column >= dim) return;
+  constexpr double kLog10000 = 9.210340371976184;  // log(10000), as in reference.step_embedding
+  constexpr double kPi = 3.141592653589793;
+  frequency[column] = exp(-kLog10000 * (2.0 * double(column / 2)) / double(dim)) / kPi;
+}
+
 // table[n, j] = z_n(j), the sinusoidal step embedding of every step, computed once per launch in
 // double (n * w_j reaches ~1e3 rad, where a float32 angle has lost several digits).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    step_table_kernel(acc_t* table, int64_t num_steps, int64_t dim) {
+    step_table_kernel(acc_t* table, const double* frequency, int64_t num_steps, int64_t dim) {
   const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= num_steps * dim) return;
   const int64_t n = e / dim, column = e % dim;
-  constexpr double kLog10000 = 9.210340371976184;  // log(10000), as in reference.step_embedding
-  constexpr double kPi = 3.141592653589793;
-  const double frequency = exp(-kLog10000 * (2.0 * double(column / 2)) / double(dim));
   // sin(x) = sinpi(x / pi): the reduction of sinpi is exact, so no slow path for large angles.
   double sine, cosine;
-  sincospi(double(n) * frequency / kPi, &sine, &cosine);
+  sincospi(double(n) * frequency[column], &sine, &cosine);
   table[e] = static_cast<acc_t>(column % 2 == 0 ? sine : cosine);
 }
 
@@ -123,11 +132,15 @@ __global__ void __launch_bounds__(kThreads, 3) denoiser_input_kernel(DenoiserInp
 #pragma unroll
     for (int u = 0; u < kVectorsPerThread; ++u) {
       if (!live[u]) continue;
+      // A step out of range fails the op's device checks; it must not index past the schedule.
+      const bool bad_step = step[u] >= a.num_steps || (noised[u] && step[u] < 0);
       Vec<scalar_t, kVec> out;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         acc_t h = 0;
-        if (!padded[u]) {
+        if (bad_step) {
+          h = std::numeric_limits<acc_t>::quiet_NaN();
+        } else if (!padded[u]) {
           h = static_cast<acc_t>(item[u].v[i]);
           if (noised[u]) {
             h = a.sqrt_abar[step[u]] * h +
@@ -151,6 +164,7 @@ struct DenoiserGrad {
   const scalar_t* grad_out;  // [B, T, d]
   const int64_t* steps;      // [B], or [B, K] when per_position
   const acc_t* sqrt_abar;    // [N + 1]
+  int64_t num_steps;         // N + 1
   const bool* padding;       // [B, T] or nullptr
   scalar_t* grad_item;       // [B, T, d]
   acc_t* partial_pos;        // [groups, T, d]: per-group sums of the masked gradient
@@ -189,9 +203,11 @@ __global__ void __launch_bounds__(kThreads) denoiser_grad_item_kernel(DenoiserGr
     for (int u = 0; u < kBatchesPerStep; ++u) {
       if (!live[u]) continue;
       const int64_t b = first + u;
-      const acc_t scale =
-          noised ? a.sqrt_abar[step_of(a.steps, a.per_position, b, t, a.length, a.noised)]
-                 : acc_t(1);
+      const int64_t step = noised ? step_of(a.steps, a.per_position, b, t, a.length, a.noised) : 0;
+      // A step out of range fails the op's device checks; it must not index past the schedule.
+      const acc_t scale = !noised                             ? acc_t(1)
+                          : step >= 0 && step < a.num_steps ? a.sqrt_abar[step]
+                                                            : std::numeric_limits<acc_t>::quiet_NaN();
       Vec<scalar_t, kVec> out;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
@@ -236,6 +252,8 @@ at::Tensor denoiser_input_cuda(const at::Tensor& item_emb, const at::Tensor& pos
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(item_emb));
   check_denoiser_input_args(item_emb, pos_emb, steps, sqrt_abar, sqrt_one_minus_abar, noise,
                             padding_mask, noised_positions);
+  DeviceChecks checks(item_emb, "denoiser_input");
+  checks.ids_in_range(steps, 0, sqrt_abar.size(0), "steps");
   const int64_t batch = item_emb.size(0), length = item_emb.size(1), dim = item_emb.size(2);
   const auto acc_type = at::toOpMathType(item_emb.scalar_type());
   const at::Tensor item = item_emb.contiguous(), pos = pos_emb.contiguous();
@@ -261,15 +279,22 @@ at::Tensor denoiser_input_cuda(const at::Tensor& item_emb, const at::Tensor& pos
         args.length = length;
         args.dim = dim;
         args.noised = noised_positions;
+        args.num_steps = sqrt_abar.size(0);
         args.add_position = add_position;
         args.per_position = steps.dim() == 2;
         const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         at::Tensor table;
+        at::Tensor frequency;
         if (add_step) {
           const int64_t num_steps = sqrt_abar.size(0);
+          frequency = at::empty({dim}, item.options().dtype(at::kDouble));
+          step_frequency_kernel<<<(dim + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+              frequency.data_ptr<double>(), dim);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
           table = at::empty({num_steps, dim}, item.options().dtype(acc_type));
           step_table_kernel<acc_t><<<(num_steps * dim + kThreads - 1) / kThreads, kThreads, 0,
-                                     stream>>>(table.data_ptr<acc_t>(), num_steps, dim);
+                                     stream>>>(table.data_ptr<acc_t>(),
+                                               frequency.data_ptr<double>(), num_steps, dim);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           args.step_table = table.data_ptr<acc_t>();
         }
@@ -288,6 +313,7 @@ at::Tensor denoiser_input_cuda(const at::Tensor& item_emb, const at::Tensor& pos
           launch_denoiser_input<scalar_t, 16 / sizeof(scalar_t)>(args, batch, stream);
         }
       });
+  checks.raise_if_failed();
   return out;
 }
 
@@ -310,6 +336,8 @@ std::tuple<at::Tensor, at::Tensor> denoiser_input_backward_cuda(
     const c10::optional<at::Tensor>& padding_mask, int64_t noised_positions, bool add_position) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(grad_out));
   check_denoiser_input_backward_args(grad_out, steps, sqrt_abar, padding_mask, noised_positions);
+  DeviceChecks checks(grad_out, "denoiser_input_backward");
+  checks.ids_in_range(steps, 0, sqrt_abar.size(0), "steps");
   const int64_t batch = grad_out.size(0), length = grad_out.size(1), dim = grad_out.size(2);
   const auto acc_type = at::toOpMathType(grad_out.scalar_type());
   const at::Tensor grad = grad_out.contiguous(), steps_c = steps.contiguous();
@@ -327,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor> denoiser_input_backward_cuda(
         args.grad_out = grad.data_ptr<scalar_t>();
         args.steps = steps_c.data_ptr<int64_t>();
         args.sqrt_abar = signal.data_ptr<acc_t>();
+        args.num_steps = sqrt_abar.size(0);
         args.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
         args.grad_item = grad_item.data_ptr<scalar_t>();
         args.batch = batch;
@@ -364,6 +393,7 @@ std::tuple<at::Tensor, at::Tensor> denoiser_input_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
+  checks.raise_if_failed();
   return {grad_item, grad_pos};
 }
 

@@ -22,10 +22,14 @@
 #include <cub/block/block_scan.cuh>
 
 #include <climits>
+#include <cmath>
+#include <limits>
+#include <sstream>
 #include <tuple>
 
 #include "checks.h"
 #include "catalog_tiles.cuh"
+#include "device_checks.cuh"
 
 namespace diffrec::cuda {
 namespace {
@@ -55,6 +59,7 @@ __global__ void exclusion_keys_kernel(const int64_t* offsets, const int64_t* ids
 struct SortedExclusion {
   at::Tensor offsets;  // [B + 1]; undefined when nothing is excluded
   at::Tensor keys;     // [nnz] sorted user * V + id
+  int64_t count() const { return keys.defined() ? keys.numel() : 0; }
 };
 
 SortedExclusion sort_exclusion(const c10::optional<at::Tensor>& offsets,
@@ -104,7 +109,10 @@ __device__ __noinline__ acc_t log_seed_score(const acc_t* raw_logit, int64_t str
   return largest + log_acc(total / static_cast<acc_t>(seeds));
 }
 
-enum class SeedEpilogue { kScores, kRank };
+// kRank compares every item with the target's exact score; kRankBracket (a given lse, no pass 1,
+// so the exact score is not known before the target's tile) counts the items above a bracket
+// around an estimate of it and keeps those inside the bracket for the end.
+enum class SeedEpilogue { kScores, kRank, kRankBracket };
 
 template <typename scalar_t, typename acc_t>
 struct SeedAverageTile {
@@ -120,11 +128,17 @@ struct SeedAverageTile {
   const acc_t* lse;                // [B * seeds], global rows
   const int64_t* exclude_offsets;  // [B + 1] or nullptr
   const int64_t* exclude_keys;     // sorted user * V + id
+  int64_t exclude_count;           // nnz
   acc_t* scores;                   // kScores: [group users, scores_ld], column = item - first_item
   int64_t scores_ld;
   const int64_t* targets;         // kRank: [B]
   const acc_t* target_log_score;  // kRank: [B]
   int64_t* rank;                  // kRank: [B], accumulated over tiles
+  const acc_t* bracket;           // kRankBracket: [B, 2], low and high
+  acc_t* exact_score;             // kRankBracket: [B], written by the target's tile
+  acc_t* pending;                 // kRankBracket: [B, pending_capacity] scores inside the bracket
+  int* pending_count;             // kRankBracket: [B], may exceed the capacity (then unused)
+  int pending_capacity;
 };
 
 constexpr int kAverageThreads = 256;
@@ -134,10 +148,12 @@ constexpr int kBitmapWords = kAverageColumns / 32;
 // Sets bit c of `bitmap` when item (first_key - user * V) + c is excluded for `user`. Each thread
 // looks at one slice of the user's sorted keys and scans it only if it overlaps the block's range.
 __device__ void mark_excluded(uint32_t* bitmap, const int64_t* offsets, const int64_t* keys,
-                              int64_t user, int64_t first_key) {
+                              int64_t count, int64_t user, int64_t first_key) {
   for (int w = threadIdx.x; w < kBitmapWords; w += blockDim.x) bitmap[w] = 0;
   __syncthreads();
-  const int64_t begin = offsets[user], end = offsets[user + 1];
+  int64_t begin = offsets[user], end = offsets[user + 1];
+  // Invalid offsets fail the op's device checks; until then they must not lead out of bounds.
+  if (begin < 0 || begin > end || end > count) begin = end = 0;
   const int64_t per_thread = (end - begin + blockDim.x - 1) / blockDim.x;
   const int64_t slice_begin = begin + threadIdx.x * per_thread;
   const int64_t slice_end = slice_begin + per_thread < end ? slice_begin + per_thread : end;
@@ -162,7 +178,7 @@ __global__ void __launch_bounds__(kAverageThreads)
   const int64_t block_column = int64_t(blockIdx.y) * kAverageColumns;
   const bool has_exclusion = p.exclude_offsets != nullptr;
   if (has_exclusion) {
-    mark_excluded(excluded_bits, p.exclude_offsets, p.exclude_keys, user,
+    mark_excluded(excluded_bits, p.exclude_offsets, p.exclude_keys, p.exclude_count, user,
                   user * p.num_items + p.first_item + block_column);
   }
   const int local = threadIdx.x * 4;
@@ -195,13 +211,33 @@ __global__ void __launch_bounds__(kAverageThreads)
     }
   } else {
     const int64_t target = p.targets[user];
-    const acc_t target_log_score = p.target_log_score[user];
     unsigned int beats = 0;
+    if constexpr (kEpilogue == SeedEpilogue::kRank) {
+      const acc_t target_log_score = p.target_log_score[user];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (valid[c] && !is_excluded[c] && p.first_item + j + c != target &&
-          log_seed_score(rows + c, p.ld, bias[c], lse, p.seeds) >= target_log_score) {
-        ++beats;
+      for (int c = 0; c < 4; ++c) {
+        if (valid[c] && !is_excluded[c] && p.first_item + j + c != target &&
+            log_seed_score(rows + c, p.ld, bias[c], lse, p.seeds) >= target_log_score) {
+          ++beats;
+        }
+      }
+    } else {
+      const acc_t low = p.bracket[2 * user], high = p.bracket[2 * user + 1];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (!valid[c]) continue;
+        if (p.first_item + j + c == target) {  // from this very GEMM, as the items' scores
+          p.exact_score[user] = log_seed_score(rows + c, p.ld, bias[c], lse, p.seeds);
+          continue;
+        }
+        if (is_excluded[c]) continue;
+        const acc_t score = log_seed_score(rows + c, p.ld, bias[c], lse, p.seeds);
+        if (score > high) {
+          ++beats;
+        } else if (score >= low) {
+          const int slot = atomicAdd(p.pending_count + user, 1);
+          if (slot < p.pending_capacity) p.pending[user * p.pending_capacity + slot] = score;
+        }
       }
     }
 #pragma unroll
@@ -226,13 +262,89 @@ void launch_seed_average(const SeedAverageTile<scalar_t, acc_t>& tile, int64_t g
 
 template <typename scalar_t, typename acc_t>
 __global__ void target_log_score_kernel(const acc_t* target_logit, const scalar_t* bias,
-                                        const int64_t* targets, const acc_t* lse, int64_t users,
-                                        int64_t seeds, acc_t* target_log_score) {
+                                        const int64_t* targets, int64_t num_items,
+                                        const acc_t* lse, int64_t users, int64_t seeds,
+                                        acc_t* target_log_score) {
   const int64_t user = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (user >= users) return;
+  const int64_t target = targets[user];
+  // An out-of-range target fails the op's device checks; it must not read past the bias.
+  const bool valid = target >= 0 && target < num_items;
   target_log_score[user] = log_seed_score(target_logit + user * seeds, 1,
-                                          bias_at<acc_t>(bias, targets[user]),
+                                          valid ? bias_at<acc_t>(bias, target) : acc_t(0),
                                           lse + user * seeds, seeds);
+}
+
+// kRankBracket, before the sweep. Per user: the target's raw logits by direct dot products (in
+// acc_t, another summation order than the GEMM's), the estimate of its log score from them, and
+// a bracket [low, high] around it. A GEMM with fp32 accumulation differs from any other order by
+// at most ~d * 2^-24 * sum_i |h_i w_i| per logit (TF32: ~2^-10 of it), and the log score moves by
+// at most its largest logit's change plus its own rounding; the bracket is a few times that.
+// Only speed depends on it: rank_bracket_finish_kernel checks that the exact score fell inside.
+template <typename scalar_t, typename acc_t>
+__global__ void target_bracket_kernel(const scalar_t* hidden, const scalar_t* weight,
+                                      const scalar_t* bias, const int64_t* targets,
+                                      const acc_t* lse, int64_t users, int64_t seeds, int64_t dim,
+                                      int64_t num_items, acc_t gemm_error, acc_t* raw,
+                                      acc_t* bracket) {
+  const int64_t user = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (user >= users) return;
+  const int64_t target = targets[user];
+  if (target < 0 || target >= num_items) {  // fails the op's device checks; stay in bounds
+    bracket[2 * user] = bracket[2 * user + 1] = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  const scalar_t* row = weight + target * dim;
+  acc_t largest_magnitude = 0;
+  for (int64_t s = 0; s < seeds; ++s) {
+    const scalar_t* h = hidden + (user * seeds + s) * dim;
+    acc_t dot = 0, magnitude = 0;
+    for (int64_t i = 0; i < dim; ++i) {
+      const acc_t product = static_cast<acc_t>(h[i]) * static_cast<acc_t>(row[i]);
+      dot += product;
+      magnitude += product < 0 ? -product : product;
+    }
+    raw[user * seeds + s] = dot;
+    largest_magnitude = magnitude > largest_magnitude ? magnitude : largest_magnitude;
+  }
+  const acc_t estimate = log_seed_score(raw + user * seeds, 1, bias_at<acc_t>(bias, target),
+                                        lse + user * seeds, seeds);
+  const acc_t own_rounding = acc_t(16) * std::numeric_limits<acc_t>::epsilon() *
+                             (acc_t(1) + (estimate < 0 ? -estimate : estimate));
+  const acc_t half = acc_t(4) * gemm_error * largest_magnitude + own_rounding;
+  bracket[2 * user] = estimate - half;
+  bracket[2 * user + 1] = estimate + half;
+}
+
+constexpr int kFinishThreads = 128;
+
+// kRankBracket, after the sweep. Block = user: adds the kept scores that are >= the exact one.
+// When the kept scores overflowed or the exact score fell outside the bracket, raises *fallback
+// instead: the host then ranks the old way (pass 1 captures the targets' logits).
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinishThreads)
+    rank_bracket_finish_kernel(const acc_t* bracket, const acc_t* exact_score, const acc_t* pending,
+                               const int* pending_count, int capacity, int64_t* rank,
+                               int* fallback) {
+  const int64_t user = blockIdx.x;
+  const int count = pending_count[user];
+  const acc_t exact = exact_score[user];
+  if (count > capacity || !(exact >= bracket[2 * user] && exact <= bracket[2 * user + 1])) {
+    if (threadIdx.x == 0) atomicOr(fallback, 1);
+    return;
+  }
+  unsigned int beats = 0;
+  for (int i = threadIdx.x; i < count; i += kFinishThreads) {
+    beats += pending[user * capacity + i] >= exact ? 1 : 0;
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    beats += __shfl_xor_sync(0xffffffffu, beats, offset);
+  }
+  if (threadIdx.x % kWarpSize == 0 && beats != 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(rank + user),
+              static_cast<unsigned long long>(beats));
+  }
 }
 
 // ---------------------------------------------------------------- running top-k
@@ -426,6 +538,7 @@ struct SeedProblem {
     if (exclusion.offsets.defined()) {
       p.exclude_offsets = exclusion.offsets.data_ptr<int64_t>();
       p.exclude_keys = exclusion.keys.data_ptr<int64_t>();
+      p.exclude_count = exclusion.count();
     }
     return p;
   }
@@ -563,25 +676,87 @@ void seed_topk_by_sort(const SeedProblem<scalar_t>& problem, int64_t k,
   }
 }
 
+// Items kept per user inside the bracket of kRankBracket: a few hundred at V = 1M, bf16.
+constexpr int kPendingCapacity = 4096;
+
+// With a given lse: one sweep, the target's exact score taken from its own tile as it passes (see
+// kRankBracket). Returns false, with rank partly counted, when a user needs the old way; that is
+// known only on the device, so this reads one flag back.
+template <typename scalar_t>
+bool seed_target_rank_one_sweep(const SeedProblem<scalar_t>& problem, const int64_t* target_ids,
+                                const SortedExclusion& exclusion, const at::Tensor& lse,
+                                at::Tensor& rank) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tile = catalog_tile_width(problem.rows() * int64_t(sizeof(acc_t)), problem.items);
+  at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
+  at::Tensor raw = at::empty({problem.rows()}, problem.acc_options);
+  at::Tensor bracket = at::empty({problem.users, 2}, problem.acc_options);
+  // NaN until the target's tile writes it: a target never seen fails the bracket test.
+  at::Tensor exact = at::full({problem.users}, std::numeric_limits<double>::quiet_NaN(),
+                              problem.acc_options);
+  at::Tensor pending = at::empty({problem.users, kPendingCapacity}, problem.acc_options);
+  at::Tensor pending_count = at::zeros({problem.users}, problem.acc_options.dtype(at::kInt));
+  at::Tensor fallback = at::zeros({1}, problem.acc_options.dtype(at::kInt));
+  // Relative to sum_i |h_i w_i|: the accumulation's rounding, plus TF32's rounding of the fp32
+  // inputs when PyTorch allows it for the GEMMs (the handle follows that setting).
+  double gemm_error = problem.dim * std::ldexp(1.0, std::is_same_v<scalar_t, double> ? -53 : -24);
+  if (std::is_same_v<scalar_t, float> && at::globalContext().allowTF32CuBLAS()) {
+    gemm_error += std::ldexp(1.0, -10);
+  }
+  constexpr int kThreads = 128;
+  target_bracket_kernel<scalar_t, acc_t>
+      <<<(problem.users + kThreads - 1) / kThreads, kThreads, 0, problem.stream>>>(
+          problem.hidden, problem.weight, problem.bias, target_ids, lse.data_ptr<acc_t>(),
+          problem.users, problem.seeds, problem.dim, problem.items, static_cast<acc_t>(gemm_error),
+          raw.data_ptr<acc_t>(), bracket.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t first = 0; first < problem.items; first += tile) {
+    problem.logits_tile(logits, tile, 0, problem.users, first);
+    auto step = problem.average_tile(logits, tile, first, lse, exclusion);
+    step.targets = target_ids;
+    step.rank = rank.data_ptr<int64_t>();
+    step.bracket = bracket.data_ptr<acc_t>();
+    step.exact_score = exact.data_ptr<acc_t>();
+    step.pending = pending.data_ptr<acc_t>();
+    step.pending_count = pending_count.data_ptr<int>();
+    step.pending_capacity = kPendingCapacity;
+    launch_seed_average<SeedEpilogue::kRankBracket>(step, problem.users, problem.stream);
+  }
+  rank_bracket_finish_kernel<acc_t><<<problem.users, kFinishThreads, 0, problem.stream>>>(
+      bracket.data_ptr<acc_t>(), exact.data_ptr<acc_t>(), pending.data_ptr<acc_t>(),
+      pending_count.data_ptr<int>(), kPendingCapacity, rank.data_ptr<int64_t>(),
+      fallback.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return fallback.item<int>() == 0;
+}
+
 template <typename scalar_t>
 void seed_target_rank_impl(const SeedProblem<scalar_t>& problem, const at::Tensor& targets,
                            const SortedExclusion& exclusion,
                            const c10::optional<at::Tensor>& given_lse, at::Tensor& rank) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t* target_ids = targets.data_ptr<int64_t>();
+  // A given lse skips pass 1, unless a graph is captured (the one-sweep way may need the old one,
+  // which only the device knows).
+  if (given_lse.has_value() && !stream_is_capturing()) {
+    const at::Tensor lse = given_lse->contiguous().view({-1});
+    if (seed_target_rank_one_sweep(problem, target_ids, exclusion, lse, rank)) return;
+    rank.zero_();
+  }
   const int64_t tile = catalog_tile_width(problem.rows() * int64_t(sizeof(acc_t)), problem.items);
   at::Tensor logits = at::empty({problem.rows(), tile}, problem.acc_options);
   at::Tensor target_logit = at::empty({problem.rows()}, problem.acc_options);
-  const int64_t* target_ids = targets.data_ptr<int64_t>();
-  // Pass 1 runs even with a given lse: it captures the targets' logits from the very GEMM calls
-  // of pass 2, so a target and an item of equal logits compare exactly.
+  // Pass 1 captures the targets' logits from the very GEMM calls of pass 2, so a target and an
+  // item of equal logits compare exactly; its lse is replaced by a given one.
   at::Tensor lse = problem.logsumexp(logits, tile, target_ids, target_logit.data_ptr<acc_t>());
   if (given_lse.has_value()) lse = given_lse->contiguous().view({-1});
   at::Tensor target_log_score = at::empty({problem.users}, problem.acc_options);
   constexpr int kThreads = 128;
   target_log_score_kernel<<<(problem.users + kThreads - 1) / kThreads, kThreads, 0,
                             problem.stream>>>(target_logit.data_ptr<acc_t>(), problem.bias,
-                                              target_ids, lse.data_ptr<acc_t>(), problem.users,
-                                              problem.seeds, target_log_score.data_ptr<acc_t>());
+                                              target_ids, problem.items, lse.data_ptr<acc_t>(),
+                                              problem.users, problem.seeds,
+                                              target_log_score.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t first = 0; first < problem.items; first += tile) {
     problem.logits_tile(logits, tile, 0, problem.users, first);
@@ -593,28 +768,73 @@ void seed_target_rank_impl(const SeedProblem<scalar_t>& problem, const at::Tenso
   }
 }
 
-// As the CPU kernel: k may not exceed the items a user has left after exclusion (duplicates in
-// the list count once). Skipped while a CUDA graph is captured (it reads back to the host).
-void check_k_within_items_left(const SortedExclusion& exclusion, int64_t k, int64_t users,
-                               int64_t num_items) {
-  if (!exclusion.keys.defined()) return;
-  if (cuda_stream_is_capturing != nullptr && cuda_stream_is_capturing()) return;
-  const at::Tensor& keys = exclusion.keys;  // sorted user * V + id
-  at::Tensor first_of_run = at::ones_like(keys, keys.options().dtype(at::kLong));
-  first_of_run.slice(0, 1).copy_(keys.slice(0, 1) != keys.slice(0, 0, -1));
-  const at::Tensor owner = keys.div(num_items, "trunc");
-  const at::Tensor excluded = at::zeros({users}, keys.options()).index_add_(0, owner, first_of_run);
-  const at::Tensor too_few = (num_items - excluded) < k;
-  if (!too_few.any().item<bool>()) return;
-  const int64_t user = too_few.to(at::kByte).argmax().item<int64_t>();
-  const int64_t user_excluded = excluded[user].item<int64_t>();
-  TORCH_CHECK(false, "k = ", k, " exceeds the ", num_items - user_excluded,
-              " items left for user ", user, " after excluding ", user_excluded, " of V = ",
-              num_items);
+// Per user: the distinct ids among its sorted keys (duplicates count once, as on the CPU); a user
+// left with fewer than k items fails the check at its own position.
+__global__ void items_left_kernel(const int64_t* offsets, const int64_t* keys, int64_t count,
+                                  int64_t users, int64_t num_items, int64_t k, uint64_t key,
+                                  unsigned long long* word) {
+  const int64_t user = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (user >= users) return;
+  const int64_t begin = offsets[user], end = offsets[user + 1];
+  if (begin < 0 || begin > end || end > count) return;  // fails the offsets checks instead
+  int64_t excluded = 0;
+  for (int64_t i = begin; i < end; ++i) excluded += (i == begin || keys[i] != keys[i - 1]) ? 1 : 0;
+  if (num_items - excluded < k) record_failure(word, key + uint64_t(user));
+}
+
+// No user can lose more than nnz items to exclusion, so k <= V - nnz (the usual case) needs no
+// check of the items left. Above that the check needs the device's answer, which a graph capture
+// cannot wait for, and without it the op would return excluded ids: the capture is refused
+// before anything is captured.
+bool k_may_exceed_items_left(int64_t k, int64_t num_items,
+                             const c10::optional<at::Tensor>& exclude_ids) {
+  const int64_t nnz = exclude_ids.has_value() ? exclude_ids->numel() : 0;
+  if (k <= num_items - nnz) return false;
+  TORCH_CHECK(!stream_is_capturing(), "seed_topk: k = ", k,
+              " may exceed the items left after exclusion (V - len(exclude_ids) = ",
+              num_items - nnz,
+              "), which cannot be checked during CUDA graph capture; capture with k <= ",
+              num_items - nnz, " or call seed_topk outside the capture");
+  return true;
+}
+
+// As the CPU kernel: k may not exceed the items a user has left after exclusion.
+void check_k_within_items_left(DeviceChecks& checks, const SortedExclusion& exclusion, int64_t k,
+                               int64_t users, int64_t num_items) {
+  const at::Tensor offsets = exclusion.offsets, keys = exclusion.keys;
+  const uint64_t key = checks.add([offsets, keys, k, num_items](int64_t user) {
+    const int64_t begin = offsets[user].item<int64_t>(), end = offsets[user + 1].item<int64_t>();
+    const int64_t excluded = std::get<0>(at::unique_consecutive(keys.slice(0, begin, end))).numel();
+    std::ostringstream out;
+    out << "k = " << k << " exceeds the " << num_items - excluded << " items left for user "
+        << user << " after excluding " << excluded << " of V = " << num_items;
+    return out.str();
+  });
+  constexpr int kThreads = 128;
+  items_left_kernel<<<(users + kThreads - 1) / kThreads, kThreads, 0,
+                      at::cuda::getCurrentCUDAStream()>>>(
+      offsets.data_ptr<int64_t>(), keys.data_ptr<int64_t>(), exclusion.count(), users, num_items,
+      k, key, checks.word());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+// The non-finite checks of the seed ops, after their argument checks (as on the CPU).
+void check_seed_inputs_finite(DeviceChecks& checks, const at::Tensor& hidden,
+                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& lse) {
+  checks.finite(hidden, "hidden");
+  checks.finite(weight, "weight");
+  if (bias.has_value()) checks.finite(*bias, "bias");
+  if (lse.has_value()) checks.finite(*lse, "lse");
+}
+
+void check_exclusion_values(DeviceChecks& checks, const c10::optional<at::Tensor>& exclude_offsets,
+                            const c10::optional<at::Tensor>& exclude_ids, int64_t num_items) {
+  if (exclude_offsets.has_value()) checks.exclusion(*exclude_offsets, *exclude_ids, num_items);
 }
 
 at::Tensor seed_avg_probs_cuda(const at::Tensor& hidden, const at::Tensor& weight,
@@ -623,6 +843,8 @@ at::Tensor seed_avg_probs_cuda(const at::Tensor& hidden, const at::Tensor& weigh
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(hidden));
   check_catalog_args(hidden, weight, bias, /*seeded=*/true);
   check_seed_lse(lse, hidden);
+  DeviceChecks checks(hidden, "seed_avg_probs");
+  check_seed_inputs_finite(checks, hidden, weight, bias, lse);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
   const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
   at::Tensor out = at::empty({hidden.size(0), weight.size(0)},
@@ -633,6 +855,7 @@ at::Tensor seed_avg_probs_cuda(const at::Tensor& hidden, const at::Tensor& weigh
                                         make_seed_problem<scalar_t>(hidden_c, weight_c, bias_c),
                                         lse, out);
                                   });
+  checks.raise_if_failed();
   return out;
 }
 
@@ -648,8 +871,12 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cuda(const at::Tensor& hidden,
   const int64_t users = hidden.size(0);
   TORCH_CHECK(k >= 1 && k <= num_items, "k = ", k, " must be in [1, V = ", num_items, "]");
   check_exclusion_args(exclude_offsets, exclude_ids, users, num_items, hidden);
+  const bool check_items_left = k_may_exceed_items_left(k, num_items, exclude_ids);
+  DeviceChecks checks(hidden, "seed_topk");
+  check_exclusion_values(checks, exclude_offsets, exclude_ids, num_items);
   const SortedExclusion exclusion = sort_exclusion(exclude_offsets, exclude_ids, users, num_items);
-  check_k_within_items_left(exclusion, k, users, num_items);
+  if (check_items_left) check_k_within_items_left(checks, exclusion, k, users, num_items);
+  check_seed_inputs_finite(checks, hidden, weight, bias, lse);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
   const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
   at::Tensor values =
@@ -664,6 +891,7 @@ std::tuple<at::Tensor, at::Tensor> seed_topk_cuda(const at::Tensor& hidden,
           seed_topk_by_sort(problem, k, exclusion, lse, values, ids);
         }
       });
+  checks.raise_if_failed();
   return {values, ids};
 }
 
@@ -678,6 +906,10 @@ at::Tensor seed_target_rank_cuda(const at::Tensor& hidden, const at::Tensor& wei
   const int64_t users = hidden.size(0);
   check_targets(targets, users, num_items, hidden);
   check_exclusion_args(exclude_offsets, exclude_ids, users, num_items, hidden);
+  DeviceChecks checks(hidden, "seed_target_rank");
+  checks.ids_in_range(targets, 0, num_items, "targets");
+  check_exclusion_values(checks, exclude_offsets, exclude_ids, num_items);
+  check_seed_inputs_finite(checks, hidden, weight, bias, lse);
   const at::Tensor hidden_c = hidden.contiguous(), weight_c = weight.contiguous();
   const at::Tensor targets_c = targets.contiguous();
   const c10::optional<at::Tensor> bias_c = contiguous_or_none(bias);
@@ -688,6 +920,7 @@ at::Tensor seed_target_rank_cuda(const at::Tensor& hidden, const at::Tensor& wei
                               sort_exclusion(exclude_offsets, exclude_ids, users, num_items), lse,
                               rank);
       });
+  checks.raise_if_failed();
   return rank;
 }
 
