@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -237,6 +239,28 @@ void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidd
   TORCH_CHECK(lse->scalar_type() == expected, "lse must be ", expected, " for ",
               hidden.scalar_type(), " hidden, got ", lse->scalar_type());
   check_same_device(hidden, *lse, "hidden", "lse");
+}
+
+std::string non_finite_message(const char* op, const char* name) {
+  return std::string(op) + ": " + name + " contains a non-finite value (nan or inf)";
+}
+
+void check_finite(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  const at::NoGradGuard no_grad;
+  // min and max propagate nan, so both are finite exactly when every element is.
+  const auto [low, high] = at::aminmax(t);
+  TORCH_CHECK(std::isfinite(low.item<double>()) && std::isfinite(high.item<double>()),
+              non_finite_message(op, name));
+}
+
+void check_seed_inputs_finite(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& lse) {
+  check_finite(hidden, op, "hidden");
+  check_finite(weight, op, "weight");
+  if (bias.has_value()) check_finite(*bias, op, "bias");
+  if (lse.has_value()) check_finite(*lse, op, "lse");
 }
 
 void check_seeded_dropout_args(const at::Tensor& input, double p) {

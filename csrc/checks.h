@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 namespace diffrec {
 
 // Allocates an op's output. With DIFFREC_EXT_POISON_OUTPUTS=1 in the environment (the tests set it)
@@ -56,6 +58,19 @@ void check_xent_backward_rows(const at::Tensor& grad_loss, const at::Tensor& lse
 // Optional precomputed log-normalisers of the seed ops: [B, S], float64 for float64 hidden and
 // float32 otherwise, on hidden's device.
 void check_seed_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& hidden);
+
+// The seed ops refuse nan and inf in hidden, weight, bias and lse: a nan would reach the ranking as
+// an item that compares false with everything. One message for both backends (the CUDA kernels
+// raise it from a device-side flag): "<op>: <name> contains a non-finite value (nan or inf)".
+std::string non_finite_message(const char* op, const char* name);
+
+// Raises non_finite_message(op, name) when t holds nan or +-inf: one vectorised min/max pass.
+void check_finite(const at::Tensor& t, const char* op, const char* name);
+
+// check_finite on every floating input of a seed op (bias and lse when given).
+void check_seed_inputs_finite(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& lse);
 
 // seeded_dropout: a float tensor and a drop probability p in [0, 1).
 void check_seeded_dropout_args(const at::Tensor& input, double p);

@@ -210,16 +210,19 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _check_finite(finite_rows: torch.Tensor, start: int, what: str = "predicts") -> None:
-    """The ops do not check for NaN/Inf (see docs/reliability.md): a non-finite prediction gives NaN
-    scores, and seed_target_rank would rank the target first. `finite_rows` [B] bool comes from the
-    [B, S, d] predictions (or [B, k] scores); read after the batch's results, so no extra sync."""
+def _check_finite(finite_rows: torch.Tensor, start: int) -> None:
+    """The seed ops refuse NaN/Inf inputs without saying whose (see docs/reliability.md); checked
+    before them, this names the histories. `finite_rows` [B] bool from the [B, S, d] predictions."""
     finite_rows = finite_rows.cpu()
     if not bool(finite_rows.all()):
         rows = (torch.nonzero(~finite_rows)[:, 0] + start).tolist()
-        if what == "predicts":
-            raise FloatingPointError(f"the model predicts NaN/Inf for histories {rows[:10]}: check its weights")
-        raise FloatingPointError(f"the model's scores are NaN/Inf for histories {rows[:10]}: check its output layer")
+        raise FloatingPointError(f"the model predicts NaN/Inf for histories {rows[:10]}: check its weights")
+
+
+def _check_item_layer_finite(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(f"the model's output {name} holds NaN/Inf: scores and ranks would be meaningless")
 
 
 def exclusion(histories: Sequence[Sequence[int]] | None, batch: int, exclude_seen: bool, device=None):
@@ -258,19 +261,18 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
     model.eval()
     device = model.pos_emb.device
     weight, bias = _float_item_layer(model)
+    _check_item_layer_finite(weight, bias)
     generator = torch.Generator(device=device).manual_seed(seed)
     all_ids, all_scores = [], []
     for start in range(0, len(lists), batch_size):
         chunk = lists[start:start + batch_size]
         ids = inference_input(model, chunk, device)
         hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
-        finite = torch.isfinite(hidden).flatten(1).all(1)
+        _check_finite(torch.isfinite(hidden).flatten(1).all(1), start)
         offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
         scores, items = ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
         all_ids.append(items.cpu())
         all_scores.append(scores.float().cpu())
-        _check_finite(finite, start)
-        _check_finite(torch.isfinite(all_scores[-1]).all(1), start, "scores")  # a NaN/Inf output layer
     if not all_ids:
         return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
     return torch.cat(all_ids), torch.cat(all_scores)
@@ -332,9 +334,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
     else:
         _history_lists(histories, model.num_items)  # checks every id, naming its row and position
     weight, bias = _float_item_layer(model)
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
-            raise FloatingPointError(f"the model's output {name} holds NaN/Inf: ranks would be meaningless")
+    _check_item_layer_finite(weight, bias)
     shard_rank, shard_count = shard
     if not 0 <= shard_rank < shard_count:
         raise ValueError(f"shard = {shard} must be (r, P) with 0 <= r < P")
@@ -353,7 +353,7 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
         ids = inference_input(model, hist, device)
         generator.manual_seed(batch_seed(seed, start // batch_size))
         hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
-        finite = torch.isfinite(hidden).flatten(1).all(1)
+        _check_finite(torch.isfinite(hidden).flatten(1).all(1), start)
         if exclude_seen and seen_offsets is not None:
             lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])
             offsets = seen_offsets[start:stop + 1] - lo
@@ -372,7 +372,6 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
             offsets, excluded = exclusion(lists, stop - start, exclude_seen, device)
         rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(device), offsets, excluded)
         ranks.append(rank.cpu())
-        _check_finite(finite, start)
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
 
 

@@ -343,7 +343,9 @@ def seed_avg_probs(hidden, weight, bias=None, lse=None):
 
 
 def seed_topk(hidden, weight, bias=None, k: int = 10, exclude_offsets=None, exclude_ids=None, lse=None):
-    """Exact top-k of the seed-averaged probability without a [B, S, V] tensor: (values, ids)."""
+    """Exact top-k of the seed-averaged probability without a [B, S, V] tensor: (values, ids).
+    On the CPU one pass with an exactness certificate answers most users (a second pass takes the
+    rest); `_C.seed_topk_counts()` gives the last call's counts."""
     args = _contiguous(hidden, weight, bias)
     rest = _contiguous(exclude_offsets, exclude_ids, lse)
     return (_ops.seed_topk if HAVE_EXTENSION else reference.seed_topk)(*args, k, *rest)

@@ -1350,8 +1350,8 @@ def test_gradients_through_expanded_and_strided_parameters():
 
 
 # ================================================================================================
-# NaN and Inf: the ops do not check their floating inputs (that is a pass over hidden and over the
-# catalog, and a device sync); they propagate. The guards are one level up.
+# NaN and Inf: the seed ops refuse them by name (tests/test_seed_topk_certificate.py covers every op,
+# argument and value); catalog_xent propagates them. The inference layer names the histories first.
 
 
 NON_FINITE = [("hidden", float("nan")), ("hidden", float("inf")), ("hidden", float("-inf")), ("weight", float("nan")),
@@ -1360,23 +1360,29 @@ NON_FINITE = [("hidden", float("nan")), ("hidden", float("inf")), ("hidden", flo
 
 @needs_ext
 @pytest.mark.parametrize("where, value", NON_FINITE, ids=[f"{w}-{v}" for w, v in NON_FINITE])
-def test_non_finite_inputs_propagate_to_float_outputs(where, value):
-    """A NaN/Inf seed vector of user 0 (hidden), catalog row (weight) or bias entry: user 0's scores,
-    top-k values and loss are NaN/Inf, never finite garbage."""
+def test_non_finite_inputs_are_refused_by_seed_ops_and_propagate_in_catalog_xent(where, value):
+    """A NaN/Inf seed vector of user 0 (hidden), catalog row (weight) or bias entry: the seed ops
+    raise naming the argument; catalog_xent gives user 0 a NaN/Inf loss, never finite garbage."""
     hidden, weight, bias = catalog(batch=2, seeds=2, dim=8, items=30)
     {"hidden": hidden[0, 0], "weight": weight[0], "bias": bias[:1]}[where].fill_(value)
-    assert torch.isnan(C.seed_avg_probs(hidden, weight, bias)[0]).any()
-    values, _ = C.seed_topk(hidden, weight, bias, 5, None, None)
-    assert torch.isnan(values[0]).any()
+    message = rf"{where} contains a non-finite value \(nan or inf\)"
+    with pytest.raises(RuntimeError, match="seed_avg_probs: " + message):
+        C.seed_avg_probs(hidden, weight, bias)
+    with pytest.raises(RuntimeError, match="seed_topk: " + message):
+        C.seed_topk(hidden, weight, bias, 5, None, None)
     loss, _ = C.catalog_xent(hidden[:, 0].contiguous(), weight, bias, torch.tensor([1, 2]))
     assert not torch.isfinite(loss[0])
 
 
 @needs_ext
-def test_minus_infinity_bias_masks_items():
-    """-inf in the bias is allowed: it removes an item from the softmax (probability exactly 0)."""
+def test_minus_infinity_bias_is_refused_and_a_very_negative_one_masks():
+    """-inf in the bias is refused like any non-finite value; a large negative finite bias still
+    removes an item from the softmax (probability exactly 0)."""
     hidden, weight, bias = catalog(batch=2, seeds=2, dim=8, items=30)
     bias[3] = float("-inf")
+    with pytest.raises(RuntimeError, match=r"seed_avg_probs: bias contains a non-finite value"):
+        C.seed_avg_probs(hidden, weight, bias)
+    bias[3] = -1e30
     probs = C.seed_avg_probs(hidden, weight, bias)
     assert bool(torch.isfinite(probs).all()) and (probs[:, 3] == 0).all()
     assert 3 not in C.seed_topk(hidden, weight, bias, 5, None, None)[1].flatten().tolist()

@@ -83,7 +83,12 @@ class RunningLogSumExp {
 
   void add(const at::Tensor& logits) {
     at::logsumexp_out(tile_, logits, {1});
-    total_ = at::logaddexp(total_, tile_.to(at::kDouble));
+    add_lse(tile_);
+  }
+
+  // Adds the rows' log-sum-exp over one tile, computed by the caller.
+  void add_lse(const at::Tensor& tile_lse) {
+    total_ = at::logaddexp(total_, tile_lse.to(at::kDouble));
   }
 
   // [rows] in dtype
