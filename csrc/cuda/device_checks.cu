@@ -2,6 +2,8 @@
 // in the op's failure word; one read of that word per op.
 #include "device_checks.cuh"
 
+#include "checks.h"
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -155,8 +157,7 @@ void DeviceChecks::exclusion(const at::Tensor& offsets, const at::Tensor& ids, i
 void DeviceChecks::finite(const at::Tensor& values, const char* name) {
   if (values.numel() == 0) return;
   const at::Tensor flat = values.contiguous();
-  const std::string message =
-      std::string(op_) + ": " + name + " contains a non-finite value (nan or inf)";
+  const std::string message = non_finite_message(op_, name);
   const uint64_t key = add([message](int64_t) { return message; });
   const int64_t n = flat.numel();
   switch (flat.scalar_type()) {
