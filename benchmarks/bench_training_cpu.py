@@ -29,9 +29,8 @@ Systems:
   `pip install torch==2.13.0 recbole==1.2.1 "numpy<2" "pandas<2.3" "scipy<1.14" "setuptools<80"`;
   the driver it runs is written by this script into the work dir (RECBOLE_DRIVER below).
 - sasrec-{fp32,bf16} / diffrec-{fp32,bf16}: `python -m diffrec_ext train` in window mode (the
-  default), --bf16 off / on (on, not auto: auto autocasts only on CPUs with native bf16, avx512_bf16
-  or AMX, so on a CPU without them auto would repeat the fp32 run; the report says what auto
-  picks), with the recommended settings (best on the validation split in the earlier ML-1M
+  default), --bf16 off / on (on, not auto: auto autocasts on CUDA only, so on the CPU it would
+  repeat the fp32 run; the report says what auto picks and whether the CPU has native bf16), with the recommended settings (best on the validation split in the earlier ML-1M
   exploration): SASRec `--kind sasrec --dim 64 --lr 2e-3 --dropout 0.3`, DiffRec `--kind diffrec
   --dim 64 --tie-output --input-scale 0.2 --lr 2e-3 --dropout 0.3`; --max-len 50, --batch-size 256,
   --k-core 1 = no filter (Beauty.txt is already 5-core: both sides see the same users, items and
@@ -495,7 +494,7 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
     text += [f"bf16: the bf16 rows ran `--bf16 on` (autocast forced). `--bf16 auto` on this CPU picks "
              f"{'bf16' if m['bf16_auto_picks_bf16'] else 'float32'} (CPU flags avx512_bf16 = {m['avx512_bf16_flag']}, "
              f"amx_bf16 = {m['amx_bf16_flag']}; oneDNN bf16 usable = {m['onednn_bf16_supported']}: without those "
-             f"flags it emulates bf16 with AVX-512 conversions, no native bf16 dot products).", ""]
+             f"flags oneDNN emulates bf16 with AVX-512 conversions, no native bf16 dot products).", ""]
     c = meta["counts"]
     text += [f"Data: {c['ours']['users']:,} users, {c['ours']['items']:,} items, {c['ours']['interactions']:,} "
              f"interactions on both sides (RecBole: {c['recbole']['users']:,} / {c['recbole']['items']:,} / "

@@ -43,8 +43,8 @@ Beyond the paper (each one recorded in the outputs):
   - a wall-clock budget per run (--max-minutes, or --total-minutes shared by all runs): training
     stops after the epoch past which the next one would not fit, and the best validation
     checkpoint so far is tested;
-  - bf16 autocast of the forward passes (--bf16 auto: on CUDA and on CPUs with native bf16;
-    float32 master weights; --bf16 off to turn off).
+  - bf16 autocast of the forward passes on CUDA (--bf16 auto, the default; float32 master
+    weights; --bf16 off to turn off, --bf16 on to force it on the CPU).
 
 Plots need matplotlib; without it the JSON files are still written, and `--replot DIR` draws the
 PNGs later from them.
@@ -1048,7 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="any TrainConfig field")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     model.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                       help="bf16 autocast of the forward passes (auto: CUDA, or a CPU with native bf16)")
+                       help="bf16 autocast of the forward passes (auto: on CUDA only)")
     model.add_argument("--eval-batch-size", type=int, default=None, help="users per evaluation batch "
                        "(default 1024 on CUDA, 256 on the CPU)")
     model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")

@@ -198,8 +198,7 @@ CONFIG_HELP = {
     "samples_per_epoch": "prefix mode: prefixes drawn per epoch (0 = all)",
     "patience": "early stopping after this many epochs without a better valid NDCG@10 (0 = off)",
     "grad_clip": "max gradient norm (0 = off)", "seed": "random seed", "device": "auto, cpu, cuda or cuda:N",
-    "bf16": "bf16 autocast of the forward passes, float32 master weights: auto (on CUDA and on CPUs with native "
-            "bf16), on or off",
+    "bf16": "bf16 autocast of the forward passes, float32 master weights: auto (on CUDA only), on or off",
 }
 
 
