@@ -29,6 +29,17 @@ def shared_file(relative: str) -> Path:
     return folder / relative
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The CLI's --threads 0 sets torch's thread count for the whole process; in-process CLI tests
+    must not change it for the tests after them (a float reduction's order depends on it, so a
+    resumed run would no longer equal a straight one)."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models and batches: with several intra-op threads on a busy machine each small op waits

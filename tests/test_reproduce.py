@@ -25,7 +25,7 @@ def test_main_writes_json_and_markdown(tmp_path):
                                        "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "reproduce_synthetic.json").read_text())
     assert report["dataset"]["name"] == "synthetic" and report["seeds"] == [0, 1]
-    assert "PIPELINE CHECK" in report["label"]  # a CPU run never calls itself a reproduction
+    assert report["label"].startswith("CPU (") and "preset" in report["label"]  # the machine and the preset
     for name in ("SASRec-CE", "DiffRec"):
         runs = report["runs"][name]
         assert [r["seed"] for r in runs] == [0, 1]
@@ -35,13 +35,16 @@ def test_main_writes_json_and_markdown(tmp_path):
             assert summary["n"] == 2 and summary["values"] == [r["test"][metric] for r in runs]
             assert 0.0 <= summary["mean"] <= 1.0 and summary["std"] >= 0.0
     assert set(report["popularity"]["test"]) == set(reproduce.METRICS)
+    # the test split both ways: the user's earlier items excluded from the ranking, and not
+    assert all(r["test_seen_excluded"] == r["test"] for r in report["runs"]["DiffRec"])
+    assert set(report["summary_seen_included"]["DiffRec"]) == set(reproduce.METRICS)
     # the input scale is chosen on the validation split, and the chosen run is seed 0's DiffRec run
     selection = report["selection"]
     best = max(selection["candidates"], key=lambda c: c["valid_NDCG@10"])
     assert selection["chosen"] == best["input_scale"] and selection["on"] == "validation NDCG@10"
     assert all(r["config"]["input_scale"] == selection["chosen"] for r in report["runs"]["DiffRec"])
     assert set(report["verdict"]["diffrec_beats_sasrec"]) == set(reproduce.METRICS)
-    assert "user mode" in report["settings"]["training_sequences"]
+    assert report["settings"]["training_sequences"].startswith("window mode")  # the default construction
     text = (tmp_path / "reproduce_synthetic.md").read_text()
     for needle in ("| popularity |", "| SASRec-CE |", "| DiffRec |", "±", "Verdict", "Command:", "NDCG@10"):
         assert needle in text
