@@ -5,12 +5,14 @@ H100/H200, plus sm_90 PTX that the driver compiles for newer GPUs)."""
 
 import glob
 import os
+import re
+from pathlib import Path
 
 import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
-VERSION = "0.1.0"
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "diffrec_ext" / "_version.py").read_text())[1]
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 

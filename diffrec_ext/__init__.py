@@ -7,14 +7,14 @@ The data path, one module each: file -> `data.load_dataset` (or `synthetic.synth
 """
 
 from . import ops, reference
+from ._version import __version__
+from .config import TrainConfig
 from .data import SequenceDataset, load_dataset
 from .inference import Recommender
 from .ops import BUILD_INFO, HAVE_EXTENSION
 from .schedules import NoiseSchedule
 from .synthetic import synthetic_dataset
-from .train import TrainConfig, train
-
-__version__ = "0.1.0"
+from .train import train
 
 __all__ = [
     "ops", "reference", "NoiseSchedule", "BUILD_INFO", "HAVE_EXTENSION", "__version__",

@@ -35,9 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_model
+from .config import resolve_device
+from .data import evaluation_batch, load_dataset
 from .engine import EagerEngine, InferenceEngine
-from .inference import reverse_steps
+from .errors import CheckpointError
+from .inference import reverse_steps, target_ranks
+from .metrics import ranking_metrics
 from .model import DSR
+from .synthetic import synthetic_dataset
 
 ENGINE_VARIANTS = ("eager", "fused", "fused_kernel", "fused_full")
 COLUMNS = ("device", "device_name", "dtype", "engine", "algorithm", "steps", "stride", "seeds", "batch_size",
@@ -248,10 +254,6 @@ def stride_quality(model: DSR, dataset, steps=(1, 10, 100, 1000), *, split: str 
     """The quality cost of a strided Alg. 2 schedule: full-ranking HR/NDCG@10/20 of Alg. 2 with
     each number of visited steps (stride N / steps), beside Alg. 3, on the same users (the first
     `max_users` of the split, None: all) with the same noise seed."""
-    from .data import evaluation_batch
-    from .inference import target_ranks
-    from .metrics import ranking_metrics
-
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     batch = evaluation_batch(dataset, split, model.max_len - 1)
     users = len(batch.targets) if max_users is None else min(max_users, len(batch.targets))
@@ -288,9 +290,6 @@ def quality_table(rows: list[dict]) -> str:
 def _quality_dataset(meta: dict, data: str | None, synthetic_seed: int | None):
     """The dataset to measure quality on: `data` (a file or "synthetic"), else the one the
     checkpoint was trained on (its stored data spec)."""
-    from .data import load_dataset
-    from .synthetic import synthetic_dataset
-
     spec = dict(meta.get("data") or {})
     path = data or spec.get("path")
     if path is None:
@@ -310,9 +309,6 @@ def run_quality(checkpoint, out_dir=None, *, data: str | None = None, synthetic_
     """stride_quality for a checkpoint on `dataset` (a SequenceDataset), else on `data` (a file or
     "synthetic"), else on the dataset stored in the checkpoint; with `out_dir`, writes
     quality.csv and quality.md."""
-    from .checkpoint import load_model
-    from .train import resolve_device
-
     model, config, _, meta = load_model(checkpoint, device=resolve_device(device))
     if dataset is None:
         dataset = _quality_dataset(meta, data, synthetic_seed)
@@ -508,8 +504,6 @@ def cmd_bench_inference(args) -> int:
     devices = ["cuda" if d == "auto" and torch.cuda.is_available() else ("cpu" if d == "auto" else d)
                for d in args.device]
     if args.quality is not None:
-        from .checkpoint import CheckpointError
-
         try:
             run_quality(args.quality, args.out, data=args.quality_data, device=devices[0],
                         steps=args.steps or (1, 10, 100, 1000), split=args.quality_split,

@@ -40,7 +40,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .model import resolve_step_embedding
+from .config import TrainConfig
+from .errors import CheckpointError
+from .model import build_model, resolve_step_embedding
 
 FORMAT = "diffrec-ext-checkpoint-v1"
 MODEL_FILE = "model.safetensors"
@@ -58,10 +60,6 @@ EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling
                    "inference", "eval_exclude_seen", "eval_batch_size", "lr", "weight_decay", "batch_size", "epochs",
                    "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip", "seed", "device", "bf16")
 RECORDED_BY = {MODEL_FILE: CONFIG_FILE, STATE_TENSORS_FILE: STATE_FILE}  # tensor file -> JSON with its sha256
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -294,8 +292,6 @@ def _check_item_ids(path: Path, items: list) -> None:
 
 def load_model(path, device="cpu", which: str = "best"):
     """(model in eval mode, TrainConfig, item_ids, meta) from a checkpoint or run directory."""
-    from .train import TrainConfig, build_model  # the config lives with the trainer
-
     directory, meta, items = read_meta(path, which)
     num_items = meta.get("num_items")
     if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
@@ -361,8 +357,6 @@ def _check_architecture(path: Path, recorded_json: str | None) -> bool:
 def resave(path, which: str = "best") -> Path:
     """Rewrites a checkpoint in place with its integrity records (for checkpoints saved before
     they existed; its config must still describe its weights). Returns the checkpoint directory."""
-    from .train import TrainConfig, build_model
-
     directory, meta, items = read_meta(path, which)
     model = build_model(TrainConfig.from_dict(meta["config"]), meta["num_items"])
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -21,6 +22,25 @@ import sys
 import time
 import typing
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import bench_inference, scoring, serve
+from ._version import __version__
+from . import download as dl
+from .checkpoint import CONFIG_FILE, ITEMS_FILE, MODEL_FILE, atomic_write_bytes, resolve
+from .config import BF16_SETTINGS, IMPORTANCE_LOSSES, METHODS, TrainConfig, bf16_enabled, resolve_device
+from .data import TRAIN_MODES, detect_format, load_dataset
+from .distributed import exit_without_teardown, init_process_group_from_env
+from .engine import InferenceEngine
+from .errors import CheckpointError, ConfigError, DataFormatError
+from .inference import Recommender
+from .metrics import format_table
+from .model import MODEL_KINDS, STEP_EMBEDDINGS
+from .schedules import SCHEDULES
+from .synthetic import synthetic_dataset
+from .train import evaluate, popularity_metrics, train
 
 DEMO_DEFAULTS = dict(
     dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="window",
@@ -64,7 +84,6 @@ def _set_threads(threads: int) -> None:
     """torch's intra-op threads: `threads`, or with 0 the cores this process may run on divided by
     the processes torchrun started on this node (torchrun's own default is 1 thread each, which
     leaves cores idle when there are fewer processes than cores)."""
-    import torch
 
     if not threads:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -119,11 +138,7 @@ def _data_spec(args, stored: dict | None = None) -> dict:
 
 
 def _load_dataset(spec: dict):
-    from .data import DataFormatError, load_dataset
-
     if spec["path"] == SYNTHETIC:
-        from .synthetic import synthetic_dataset
-
         return synthetic_dataset(seed=spec["synthetic_seed"], k_core=spec["k_core"],
                                  item_k_core=spec.get("item_k_core"))
     path = Path(spec["path"])
@@ -134,8 +149,6 @@ def _load_dataset(spec: dict):
     options = dict(spec.get("columns") or {})
     fmt = spec.get("format", "auto")
     if options and fmt not in ("csv", "parquet"):
-        from .data import detect_format
-
         if (fmt if fmt != "auto" else detect_format(path)) not in ("csv", "parquet"):
             raise CLIError("--user-col/--item-col/--time-col apply to CSV and Parquet files only")
     try:
@@ -203,19 +216,12 @@ CONFIG_HELP = {
 
 
 def _config_choices() -> dict:
-    from .inference import METHODS
-    from .model import MODEL_KINDS, STEP_EMBEDDINGS
-    from .schedules import SCHEDULES
-    from .train import BF16_SETTINGS, IMPORTANCE_LOSSES, TRAIN_MODES
-
     return {"kind": MODEL_KINDS, "mode": TRAIN_MODES, "schedule": SCHEDULES, "inference": METHODS,
             "importance_loss": IMPORTANCE_LOSSES, "step_embedding": ("auto",) + STEP_EMBEDDINGS,
             "bf16": BF16_SETTINGS}
 
 
 def _add_config_args(parser, defaults: dict | None = None):
-    from .train import TrainConfig
-
     global CONFIG_CHOICES
     CONFIG_CHOICES = _config_choices()
     defaults = defaults or {}
@@ -239,8 +245,6 @@ def _add_config_args(parser, defaults: dict | None = None):
 
 
 def _config_from_args(args, base: dict | None = None):
-    from .train import ConfigError, TrainConfig
-
     values = dict(base or {})
     if getattr(args, "config", None):
         try:
@@ -261,8 +265,6 @@ def _config_from_args(args, base: dict | None = None):
 
 
 def _print_table(rows: dict, title: str | None = None, out=None):
-    from .metrics import format_table
-
     out = out or sys.stdout
     if title:
         print(title, file=out)
@@ -280,11 +282,6 @@ def _stats_line(dataset) -> str:
 
 
 def cmd_demo(args) -> int:
-    import torch
-
-    from .synthetic import synthetic_dataset
-    from .train import TrainConfig, popularity_metrics, train
-
     started = time.perf_counter()
     _set_threads(args.threads)
     dataset = synthetic_dataset(seed=args.synthetic_seed)
@@ -322,8 +319,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    import numpy as np
-
     spec = _data_spec(args)
     dataset = _load_dataset(spec)
     print(dataset.describe())
@@ -345,10 +340,7 @@ def cmd_prepare(args) -> int:
             lines.append(" ".join([str(users[u])] + [str(items[i]) for i in dataset.sequence(u)]))
     data = ("\n".join(lines) + "\n").encode("utf-8")
     if out.suffix == ".gz":
-        import gzip
-
         data = gzip.compress(data, mtime=0)
-    from .checkpoint import atomic_write_bytes
 
     atomic_write_bytes(out, data)
     print(f"wrote {out} ({dataset.num_users:,} users, {dataset.num_actions:,} interactions, chronological)")
@@ -356,8 +348,6 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from . import download as dl
-
     try:
         path = dl.download(args.name, args.dest, args.base_url, md5=args.md5, force=args.force)
     except (ValueError, OSError, getattr(dl, "DownloadError", OSError)) as error:
@@ -368,16 +358,10 @@ def cmd_download(args) -> int:
 
 def cmd_train(args) -> int:
 
-    import torch
-
-    from .checkpoint import CheckpointError
-    from .train import ConfigError, train
-
     config = _config_from_args(args)
     _set_threads(args.threads)
     lead = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: data-parallel training
-        from .distributed import init_process_group_from_env
 
         lead = init_process_group_from_env().rank == 0
         args.exit_without_teardown = True  # see main()
@@ -403,8 +387,6 @@ def cmd_train(args) -> int:
 
 
 def _device(name: str):
-    from .train import ConfigError, resolve_device
-
     try:
         return resolve_device(name)
     except (ConfigError, RuntimeError) as error:
@@ -412,9 +394,6 @@ def _device(name: str):
 
 
 def _load_checkpoint(path, device):
-    from .checkpoint import CheckpointError
-    from .inference import Recommender
-
     try:
         return Recommender.from_checkpoint(path, device=device)
     except CheckpointError as error:
@@ -442,8 +421,6 @@ def _check_catalog(recommender, dataset):
 
 
 def cmd_evaluate(args) -> int:
-    from .train import evaluate, popularity_metrics
-
     device = _device(args.device)
     rec = _load_checkpoint(args.checkpoint, device)
     config = rec.config
@@ -454,6 +431,7 @@ def cmd_evaluate(args) -> int:
     exclude = config.eval_exclude_seen if args.exclude_seen is None else args.exclude_seen
     seeds = args.seeds or config.seeds
     method = args.method or config.inference
+    bf16 = bf16_enabled(config.bf16, device)  # as training evaluated, so the run's numbers are reproduced
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     report = {}
     for split in splits:
@@ -461,14 +439,16 @@ def cmd_evaluate(args) -> int:
         try:
             metrics = evaluate(rec.model, dataset, split, seeds=seeds, method=method, exclude_seen=exclude,
                                seed=_seed(args, config), stride=args.stride,
-                               batch_size=args.batch_size or config.eval_batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size or config.eval_batch_size, bf16=bf16,
+                               progress=not args.quiet)
         except ValueError as error:
             raise CLIError(str(error)) from None
         report[split] = {"popularity": popularity_metrics(dataset, split, exclude), config.kind: metrics,
                          "seconds": time.perf_counter() - t0}
         _print_table({k: v for k, v in report[split].items() if k != "seconds"},
                      f"{split} split ({method}, S = {seeds if config.kind == 'diffrec' else 1}, "
-                     f"{'seen items excluded' if exclude else 'seen items ranked'}; {report[split]['seconds']:.1f}s)")
+                     f"{'seen items excluded' if exclude else 'seen items ranked'}{', bf16' if bf16 else ''}; "
+                     f"{report[split]['seconds']:.1f}s)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
@@ -562,18 +542,10 @@ def cmd_recommend(args) -> int:
 
 def cmd_score(args) -> int:
 
-    import torch
-
-    from . import scoring
-    from .checkpoint import CONFIG_FILE, ITEMS_FILE, MODEL_FILE, CheckpointError, resolve
-    from .data import DataFormatError
-    from .engine import InferenceEngine
-
     _set_threads(args.threads)
     device = _device(args.device)
     lead = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: each process scores its share
-        from .distributed import init_process_group_from_env
 
         context = init_process_group_from_env("nccl" if device.type == "cuda" else "gloo")
         device, lead = context.device, context.rank == 0
@@ -634,7 +606,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "recommendation with diffusion models) with fused C++/CUDA ops: train, "
                                      "evaluate and serve next-item recommenders.",
                                      epilog="Run `diffrec <command> --help` for the options of a command.")
-    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"diffrec-ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -720,7 +691,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(recommend, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(recommend)
     recommend.set_defaults(func=cmd_recommend)
-    from .scoring import HISTORY_FORMATS
 
     score = sub.add_parser(
         "score", help="top-k for every user of a dataset or every history of a file, into Parquet or CSV",
@@ -736,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     score.add_argument("--histories", default=None, metavar="PATH",
                        help="score the histories of this file instead of a dataset's users")
-    score.add_argument("--histories-format", default="auto", choices=["auto", *HISTORY_FORMATS],
+    score.add_argument("--histories-format", default="auto", choices=["auto", *scoring.HISTORY_FORMATS],
                        help="format of --histories (auto: from the name)")
     score.add_argument("--user-field", default="user", help="--histories: the user field or column")
     score.add_argument("--history-field", default="history", help="--histories: the history field or column")
@@ -751,8 +721,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(score, engine_names=True)
     score.set_defaults(func=cmd_score)
-
-    from . import bench_inference, serve
 
     serve.add_cli(sub)
     bench_inference.add_cli(sub)
@@ -778,7 +746,6 @@ def main(argv=None) -> int:
         print(f"diffrec {args.command}: interrupted", file=sys.stderr)
         code = 130
     if getattr(args, "exit_without_teardown", False):  # a torchrun worker: see distributed.exit_without_teardown
-        from .distributed import exit_without_teardown
 
         exit_without_teardown(code)
     return code

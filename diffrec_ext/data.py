@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import DataFormatError
+
 __all__ = [
     "DataFormatError",
     "FORMATS",
@@ -67,16 +69,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors write at the start of UTF-8 files
 PARQUET_MAGIC = b"PAR1"
 MIN_SEQUENCE_LENGTH = 3  # leave-one-out needs a training item, a validation target and a test target
-
-
-class DataFormatError(ValueError):
-    """A file that cannot be read as interactions. The message names the file and, where the
-    problem sits on one line, its 1-based line number."""
-
-    def __init__(self, path, problem: str, line: int | None = None):
-        where = f"{path}, line {line}" if line is not None else f"{path}"
-        super().__init__(f"{where}: {problem}")
-        self.path, self.problem, self.line = Path(path), problem, line
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops, reference
+from .errors import ShardingError
 
 __all__ = [
     "CatalogShard",
@@ -58,10 +59,6 @@ __all__ = [
     "sharded_seed_topk",
     "sharded_target_rank",
 ]
-
-
-class ShardingError(ValueError):
-    """Bad input of a sharded call, raised on every rank of the group (whichever rank saw it)."""
 
 
 # ----------------------------------------------------------------------------- shards

@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .errors import DownloadError
+
 __all__ = ["GROUPLENS_URL", "MOVIELENS", "DownloadError", "download"]
 
 log = logging.getLogger(__name__)
@@ -49,10 +51,6 @@ MOVIELENS = {
     "ml-20m": MovieLensArchive("ml-20m.zip", "ml-20m/ratings.csv", "cd245b17a1ae2cc31bb14903e1204af3"),
     "ml-25m": MovieLensArchive("ml-25m.zip", "ml-25m/ratings.csv", "6b51fb2759a8657d3bfcbfc42b592ada"),
 }
-
-
-class DownloadError(RuntimeError):
-    """A download that failed, did not match its checksum, or held an unsafe archive."""
 
 
 def _open_url(url: str, timeout: float):

@@ -38,7 +38,10 @@ import numpy as np
 import torch
 
 from . import ops, reference
-from .inference import (METHODS, Recommender, UnknownItemsError, check_flag, check_k, check_seed, exclusion,
+from .checkpoint import load_model
+from .config import resolve_device
+from .errors import UnknownItemsError
+from .inference import (METHODS, Recommender, check_flag, check_k, check_seed, exclusion,
                         history_items, posterior, reverse_steps)
 from .model import DSR, PAD, attention_mask, padding_mask_of
 
@@ -377,9 +380,6 @@ class _EngineBase:
     @classmethod
     def from_checkpoint(cls, path, device="auto", which: str = "best", **options):
         """An engine from a checkpoint or training-run directory (see checkpoint.load_model)."""
-        from .checkpoint import load_model
-        from .train import resolve_device
-
         device = resolve_device(str(device))
         model, config, items, meta = load_model(path, device=device, which=which)
         return cls(model, items, device=device, config=config, meta=meta, **options)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from . import ops
+from .checkpoint import load_model
+from .config import METHODS
+from .errors import UnknownItemsError
 from .model import DSR
-
-METHODS = ("alg3", "alg2")
-
 
 def _check_method(method: str):
     if method not in METHODS:
@@ -113,16 +113,6 @@ def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "al
         coef_h0, coef_hn, variance = posterior(model, t, s)
         h = coef_h0 * scale * f + coef_hn * h + variance**0.5 * noise[index + 1]
     return h.reshape(batch, seeds, dim)
-
-
-class UnknownItemsError(ValueError):
-    """A history holds item ids the model's catalog does not know."""
-
-    def __init__(self, row: int, unknown: list, name: str | None = None):
-        self.row = row
-        self.unknown = unknown
-        shown = ", ".join(repr(item) for item in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        super().__init__(f"{name or f'history {row}'}: {len(unknown)} unknown item id(s): {shown}")
 
 
 def history_items(history, name: str = "history") -> list:
@@ -417,8 +407,6 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", which: str = "best") -> "Recommender":
-        from .checkpoint import load_model
-
         model, config, items, meta = load_model(path, device=device, which=which)
         return cls(model, items, config, meta)
 

@@ -429,3 +429,16 @@ class DSR(nn.Module):
     def output_weight_norm(self) -> float:
         with torch.no_grad():
             return float(self.item_layer()[0][1:].norm(dim=1).mean())
+
+
+def build_model(config, num_items: int) -> DSR:
+    """The DSR a TrainConfig (config.py) describes, for a catalog of `num_items` items."""
+    return DSR(
+        num_items=num_items, max_len=config.max_len, dim=config.dim, layers=config.layers, heads=config.heads,
+        dropout=config.dropout, ffn_mult=config.ffn_mult, attn_dropout=config.attn_dropout,
+        emb_scale=config.emb_scale, norm_embeddings=config.norm_embeddings, schedule=config.schedule,
+        num_steps=config.num_steps,
+        noised_positions=config.noised_positions, add_position=config.add_position, add_step=config.add_step,
+        causal=config.causal, kind=config.kind, input_scale=config.input_scale,
+        step_embedding=config.resolved_step_embedding, tie_output=config.tie_output,
+    )

@@ -7,12 +7,16 @@ in csrc/cpu/, its CUDA kernel in csrc/cuda/, and its twin in diffrec_ext/referen
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import reference
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.diffrec_ext.*)
+    # the compiled part; loading it registers torch.ops.diffrec_ext.* (imported by name so that
+    # lint-imports, which sees only Python modules, does not take it for the package root)
+    _C = importlib.import_module(f"{__package__}._C")
 
     HAVE_EXTENSION = True
     BUILD_INFO = {"version": _C.__version__, "with_cuda": _C.with_cuda, "cuda_archs": _C.cuda_archs}

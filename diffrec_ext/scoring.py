@@ -43,9 +43,8 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
-from .data import DataFormatError
 from .distributed import rank_and_world_size
-from .engine import UnknownItemsError
+from .errors import DataFormatError, ScoringError, UnknownItemsError
 from .inference import batch_seed
 
 MANIFEST = "_manifest.json"
@@ -54,10 +53,6 @@ OUTPUT_FORMATS = ("parquet", "csv")
 HISTORY_FORMATS = ("jsonl", "csv", "parquet")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 INTEGER = re.compile(r"[+-]?\d+")
-
-
-class ScoringError(ValueError):
-    """Options, inputs or an output directory that cannot be used (the message says why)."""
 
 
 def _pyarrow():

@@ -57,7 +57,11 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
-from .engine import UnknownItemsError
+import torch
+
+from ._version import __version__
+from .engine import InferenceEngine
+from .errors import CheckpointError, ConfigError, UnknownItemsError
 
 logger = logging.getLogger("diffrec_ext.serve")
 
@@ -429,8 +433,6 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
-    from . import __version__
-
     limits, options = limits or ServeLimits(), options or ServeOptions()
     check_settings(engine, limits, options)
     seeds, algorithm = engine.check_options(options.seeds, options.algorithm, options.stride)
@@ -785,12 +787,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    import torch
-
-    from .checkpoint import CheckpointError
-    from .engine import InferenceEngine
-    from .train import ConfigError
-
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

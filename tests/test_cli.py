@@ -160,3 +160,28 @@ def test_demo_runs_end_to_end_on_tiny_settings(monkeypatch, capsys):
     assert code == 0
     for name in ("popularity", "SASRec", "DiffRec", "HR@5", "NDCG@20", "x popularity"):
         assert name in out
+
+
+def test_evaluate_reproduces_a_bf16_runs_test_metrics(tiny_file, tmp_path, capsys):
+    """A run trained with --bf16 on evaluated its test split under bf16 autocast; `evaluate` on its
+    checkpoint must do the same, not silently rank in float32."""
+    from diffrec_ext.checkpoint import load_model
+    from diffrec_ext.data import load_dataset
+    from diffrec_ext.train import evaluate
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tiny_file), "--out", str(run_dir), "--k-core", "2", "--bf16", "on",
+                     *TINY_FLAGS]) == 0
+    recorded = json.loads((run_dir / "result.json").read_text())["test"]
+    report = tmp_path / "eval.json"
+    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--split", "test", "--device", "cpu",
+                       "--quiet", "--json", str(report))
+    assert code == 0 and "bf16" in out
+    assert json.loads(report.read_text())["test"]["diffrec"] == recorded
+    # the check has teeth: the same checkpoint ranked in float32 gives other numbers
+    model, config = load_model(run_dir)[:2]
+    dataset = load_dataset(tiny_file, k_core=2)
+    float32 = evaluate(model, dataset, "test", seeds=config.seeds, method=config.inference,
+                       exclude_seen=config.eval_exclude_seen, seed=config.seed,
+                       batch_size=config.eval_batch_size, bf16=False)
+    assert float32 != recorded
