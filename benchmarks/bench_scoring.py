@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import REPO_ROOT, demo_checkpoint, machine_facts, publish
+from common import REPO_ROOT, demo_checkpoint, machine_facts, publish
 
 LINE = re.compile(r"scored ([\d,]+) users in ([\d.]+) s \(([\d,]+) users/s")
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import REPO_ROOT, demo_checkpoint, machine_facts, publish
+from common import REPO_ROOT, demo_checkpoint, machine_facts, publish
 
 LEGACY_COMMIT = "d9e8aaf681288f3e500df403cf224c6123ec17cb"  # the last commit with the http.server endpoint
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile_serve.py"

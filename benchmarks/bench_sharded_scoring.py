@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import machine_facts, publish, start_worker
+from common import machine_facts, publish, start_worker
 
 SHAPE = dict(batch=64, seeds=10, dim=256, num_items=200_000, k=20)
 

@@ -477,7 +477,7 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
                               + f" batches of its first epoch in {partial['train_seconds']:.0f} s")
     ratios = {ours: meta[f"ratio_{ours}_to_recbole_targets_per_s"] for ours in ("sasrec-fp32", "sasrec-bf16")
               if f"ratio_{ours}_to_recbole_targets_per_s" in meta}
-    text = [f"# Training benchmark on the CPU (Beauty, d = 64, T = 50, batch 256)", "",
+    text = ["# Training benchmark on the CPU (Beauty, d = 64, T = 50, batch 256)", "",
             f"{meta['date']}, commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}, "
             f"{meta['machine']['cpu']} ({meta['machine']['cores']} cores), {meta['threads']} torch thread(s), "
             f"budget {meta['minutes']} min of wall time per system (start-up and validation included), "
@@ -518,19 +518,17 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
     flags = ""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
     import torch
 
-    from diffrec_ext.train import bf16_enabled
+    from diffrec_ext.bench_inference import cpu_model
+    from diffrec_ext.config import bf16_enabled
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "bf16_auto_picks_bf16": bf16_enabled("auto", "cpu"),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "bf16_auto_picks_bf16": bf16_enabled("auto", "cpu"),
             "avx512_bf16_flag": "avx512_bf16" in flags,
             "amx_bf16_flag": "amx_bf16" in flags,
             "onednn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),

@@ -72,8 +72,10 @@ if str(REPO) not in sys.path:  # run from a checkout: use its diffrec_ext, not a
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from diffrec_ext.bench_inference import cpu_model  # noqa: E402
 from diffrec_ext.metrics import KS  # noqa: E402
-from diffrec_ext.train import TrainConfig, bf16_enabled, evaluate, popularity_metrics, train  # noqa: E402
+from diffrec_ext.config import TrainConfig, autocast_context, bf16_enabled  # noqa: E402
+from diffrec_ext.train import evaluate, popularity_metrics, train  # noqa: E402
 
 METRICS = [f"{m}@{k}" for k in KS for m in ("HR", "NDCG")]
 ANALYSES = ("schedule", "steps", "positions", "embeddings", "seeds", "figure6")
@@ -354,14 +356,6 @@ def environment(args) -> dict:
     except Exception:  # pragma: no cover
         pass
     return info
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def run_label(env: dict, preset: str) -> str:
@@ -835,8 +829,6 @@ def figure6(model, data: Data, args) -> dict:
     device = model.pos_emb.device
     ids = inference_input(model, [history], device)
     generator = torch.Generator(device=device).manual_seed(args.figure6_noise_seed)
-    from diffrec_ext.train import autocast_context
-
     total = max(args.figure6_seeds, args.figure6_average)
     with autocast_context(device, bf16_enabled(args.bf16, device)):
         hidden = predict_h0(model, ids, total, "alg3", generator)  # [1, total, d]

@@ -962,12 +962,14 @@ def iterate_batches(source: TrainingSequences | EvaluationBatch, batch_size: int
                     shuffle: bool = False,
                     generator: torch.Generator | np.random.Generator | int | None = None,
                     device: torch.device | str | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields dicts of int64 tensors for consecutive rows of `source` (the last batch may be smaller).
+    """Yields dicts of tensors for consecutive rows of `source` (the last batch may be smaller).
 
-    Keys: "user", "history" [B, max_len], "target" [B]; "position_targets" [B, max_len] for "user"-
-    mode training rows; "seen_offsets" [B + 1] and "seen_items" (CSR) for evaluation rows. With
-    shuffle, the order is a permutation drawn from `generator`: a torch or numpy Generator (which
-    advances, so successive epochs differ reproducibly), an int seed, or None for torch's global one.
+    Keys: "user"; "history" [B, max_len] and "target" [B] for prefix-mode training rows and for
+    evaluation rows, which add "seen_offsets" [B + 1] and "seen_items" (CSR); "window" [B, max_len]
+    and "supervised" [B, max_len] (bool: the positions that are targets) for window- and user-mode
+    training rows. Ids are int64. With shuffle, the order is a permutation drawn from `generator`:
+    a torch or numpy Generator (which advances, so successive epochs differ reproducibly), an int
+    seed, or None for torch's global one.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

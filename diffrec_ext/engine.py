@@ -41,7 +41,7 @@ from . import ops, reference
 from .checkpoint import load_model
 from .config import resolve_device
 from .errors import UnknownItemsError
-from .inference import (METHODS, Recommender, check_flag, check_k, check_seed, exclusion,
+from .inference import (METHODS, Recommender, check_flag, check_k, check_room, check_seed, exclusion,
                         history_items, posterior, reverse_steps)
 from .model import DSR, PAD, attention_mask, padding_mask_of
 
@@ -151,10 +151,10 @@ class _SharedHistoryPass:
         x = model.input_drop(model.input_ln(x))
         states = []
         for index, layer in enumerate(model.layers):
-            q, k, v = layer._split(x)
+            q, k, v = layer.qkv_heads(x)
             states.append((k, v))
             if index + 1 < len(model.layers):  # the last layer's history outputs are never read
-                x = layer._ffn(x + layer._attend(q, k, v, self.prefix_attention))
+                x = layer.feed_forward(x + layer.attend(q, k, v, self.prefix_attention))
         self._history_cache = (rows_steps, states)
         return states
 
@@ -167,11 +167,11 @@ class _SharedHistoryPass:
     def _suffix_outputs(self, x: torch.Tensor, states: list) -> torch.Tensor:
         model = self.model
         for layer, state in zip(model.layers, states):
-            q, k, v = (self._by_user(t) for t in layer._split(x))
+            q, k, v = (self._by_user(t) for t in layer.qkv_heads(x))
             if state is not None:
                 k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
-            attended = layer._attend(q, k, v, self.suffix_attention)  # [rows, S * K, d]
-            x = layer._ffn(x + attended.reshape(x.shape))
+            attended = layer.attend(q, k, v, self.suffix_attention)  # [rows, S * K, d]
+            x = layer.feed_forward(x + attended.reshape(x.shape))
         return model.final_ln(x[:, -1])
 
     def one_pass(self, noise: torch.Tensor | None, plan: _StepPlan) -> torch.Tensor:
@@ -466,11 +466,7 @@ class _EngineBase:
         check_k(k, self.num_items)
         check_flag("exclude_seen", exclude_seen)
         if exclude_seen:
-            for row, array in enumerate(arrays):
-                left = self.num_items - len(np.unique(array))
-                if left < k:
-                    raise ValueError(f"k = {k} exceeds the {left} items left after excluding the "
-                                     f"history of user {row}")
+            check_room(k, self.num_items, arrays)
 
     def _options(self, seeds, algorithm, stride, seed=0) -> tuple[int, str]:
         seeds = self.default_seeds if seeds is None else seeds
@@ -839,5 +835,3 @@ class EagerEngine(_EngineBase):
         probs[rows, excluded] = float("-inf")
         return torch.topk(probs, k, dim=-1)
 
-
-ENGINES = {"fused": InferenceEngine, "eager": EagerEngine}

@@ -33,6 +33,15 @@ class UnknownItemsError(ValueError):
         super().__init__(f"{name or f'history {row}'}: {len(unknown)} unknown item id(s): {shown}")
 
 
+class ItemsLeftError(ValueError):
+    """k above the items a history leaves to rank once its own items are excluded."""
+
+    def __init__(self, k: int, left: int, row: int, name: str | None = None):
+        self.k, self.left, self.row = k, left, row
+        super().__init__(f"{name or f'history {row}'}: k = {k} exceeds the {left} items left after excluding "
+                         "its own items")
+
+
 class ShardingError(ValueError):
     """Bad input of a sharded call, raised on every rank of the group (whichever rank saw it)."""
 

@@ -31,7 +31,7 @@ import torch
 from . import ops
 from .checkpoint import load_model
 from .config import METHODS
-from .errors import UnknownItemsError
+from .errors import ItemsLeftError, UnknownItemsError
 from .model import DSR
 
 def _check_method(method: str):
@@ -144,6 +144,17 @@ def check_k(k, num_items: int) -> None:
         raise ValueError(f"k must be an int in [1, num_items = {num_items}], got {k!r}")
 
 
+def check_room(k: int, num_items: int, histories, names=None) -> None:
+    """The rule behind every seen-item exclusion (the engine, Recommender, serve, score): each
+    history must leave at least k of the num_items items once its own items are excluded.
+    ItemsLeftError names the first that does not (names[row], else "history {row}")."""
+    for row, history in enumerate(histories):
+        if len(history) > num_items - k:  # only then can fewer than k items be left
+            left = num_items - len(np.unique(np.asarray(history)))
+            if left < k:
+                raise ItemsLeftError(k, left, row, None if names is None else names[row])
+
+
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -245,9 +256,7 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
         _check_history_tensor(histories, model.num_items)
     lists = _history_lists(histories, model.num_items)
     if exclude_seen:
-        available = [model.num_items - len(set(items)) for items in lists]
-        if available and min(available) < k:
-            raise ValueError(f"k = {k} exceeds the {min(available)} items left after excluding a user's history")
+        check_room(k, model.num_items, lists)
     model.eval()
     device = model.pos_emb.device
     weight, bias = _float_item_layer(model)

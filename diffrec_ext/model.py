@@ -122,34 +122,40 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(ffn_dim, dim)
         self.drop = SeededDropout(dropout)
 
-    def _split(self, x: torch.Tensor):
+    # The three steps of a layer, public for the engine's shared-history cache, which runs them
+    # on a cached history's keys and values and on the noised rows separately (engine.py).
+    def qkv_heads(self, x: torch.Tensor):
+        """Pre-LN queries, keys and values of x [B, L, d], each [B, heads, L, d / heads]."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(self.ln_attn(x)).chunk(3, dim=-1)
         shape = (batch, length, self.heads, dim // self.heads)
         return [t.reshape(shape).transpose(1, 2) for t in (q, k, v)]
 
-    def _attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask):
+        """Attention of q over (k, v) under mask, projected back to [B, L, d] (dropout in training)."""
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         batch, heads, length, head_dim = out.shape
         return self.drop(self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim)))
 
-    def _ffn(self, x):
+    def feed_forward(self, x):
+        """The residual feed-forward block: x + FFN(LN(x))."""
         # dropout on the branch output only (as SASRec): a mask on the 4d-wide inner activation
         # cost a third of a CPU training step and did not help on validation
         return x + self.drop(self.ffn_out(F.gelu(self.ffn_in(self.ln_ffn(x)))))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._split(x)
-        return self._ffn(x + self._attend(q, k, v, mask))
+        q, k, v = self.qkv_heads(x)
+        return self.feed_forward(x + self.attend(q, k, v, mask))
 
     def forward_two_stream(self, content, query, content_mask, query_mask, need_content: bool = True):
-        qc, kc, vc = self._split(content)
-        qg, kg, vg = self._split(query)
-        query = self._ffn(query + self._attend(qg, torch.cat([kc, kg], 2), torch.cat([vc, vg], 2), query_mask))
+        qc, kc, vc = self.qkv_heads(content)
+        qg, kg, vg = self.qkv_heads(query)
+        query = self.feed_forward(query + self.attend(qg, torch.cat([kc, kg], 2), torch.cat([vc, vg], 2),
+                                                      query_mask))
         if need_content:
-            content = self._ffn(content + self._attend(qc, kc, vc, content_mask))
+            content = self.feed_forward(content + self.attend(qc, kc, vc, content_mask))
         return content, query
 
 

@@ -44,8 +44,8 @@ import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from .distributed import rank_and_world_size
-from .errors import DataFormatError, ScoringError, UnknownItemsError
-from .inference import batch_seed
+from .errors import DataFormatError, ItemsLeftError, ScoringError, UnknownItemsError
+from .inference import batch_seed, check_room
 
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = "diffrec-scores/1"
@@ -426,14 +426,6 @@ def _collective(device):
     return broadcast, total
 
 
-def _check_room(chunk: Chunk, k: int, num_items: int) -> None:
-    """With seen items excluded each history must leave k items: name the first that does not."""
-    for history, where in zip(chunk.histories, chunk.where):
-        if len(history) > num_items - k:  # only then can fewer than k items be left
-            left = num_items - len(np.unique(np.asarray(history)))
-            if left < k:
-                raise ScoringError(f"{where}: k = {k} exceeds the {left} items left after excluding the history; "
-                                   "lower -k or pass --no-exclude-seen")
 
 
 def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds: int | None = None,
@@ -497,7 +489,10 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds:
                 continue
             chunk = source.decode(block, engine)
             if exclude_seen:
-                _check_room(chunk, k, engine.num_items)
+                try:
+                    check_room(k, engine.num_items, chunk.histories, chunk.where)
+                except ItemsLeftError as error:
+                    raise ScoringError(f"{error}; lower -k or pass --no-exclude-seen") from None
             ids, scores = engine.recommend_dense(chunk.histories, k=k, exclude_seen=exclude_seen, seeds=seeds,
                                                  algorithm=algorithm, stride=stride, seed=batch_seed(seed, index))
             writer.write(index, chunk.users, ids, scores)

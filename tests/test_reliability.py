@@ -572,7 +572,7 @@ for id_, fn, bad, error, match in [  # where: "inference recommend" unless the i
      r"k must be an int in \[1, num_items = \d+\], got 10000"),
     ("k-above-left", lambda ctx: recommend(ctx.model(), [list(range(1, ctx.model().num_items + 1))], k=1),
      "k above the items left once the history is excluded", ValueError,
-     r"k = 1 exceeds the 0 items left after excluding a user's history"),
+     r"history 0: k = 1 exceeds the 0 items left after excluding its own items"),
     ("seeds-zero", lambda ctx: recommend(ctx.model(), [[1]], seeds=0), "seeds = 0", ValueError,
      "seeds must be a positive int, got 0"),
     ("method", lambda ctx: recommend(ctx.model(), [[1]], method="ddim"), "method 'ddim'", ValueError,

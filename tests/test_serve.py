@@ -136,6 +136,12 @@ def test_histories_longer_than_the_window(engine):
         server.shutdown()
 
 
+def test_the_listening_socket_says_tcp_so_every_loop_sets_nodelay(server):
+    """asyncio's own loop (no uvloop) sets TCP_NODELAY only on sockets whose proto is TCP; on a
+    socket opened with proto 0 each answer waited for the client's delayed ACK (49 ms a request)."""
+    assert server.socket.proto == socket.IPPROTO_TCP
+
+
 def test_health(server):
     status, payload, _ = request(server, "GET", "/health")
     assert status == 200 and payload["status"] == "ok"
@@ -199,6 +205,33 @@ def test_k_larger_than_what_is_left_after_exclusion(engine):
         assert status == 422 and "k = 55 exceeds the 52 items left" in payload["error"]
         status, payload, _ = request(server, "POST", "/recommend", {"history": history, "k": 55, "exclude_seen": False})
         assert status == 200 and len(payload["items"]) == 55
+    finally:
+        server.shutdown()
+
+
+def test_a_request_without_a_result_in_time_gets_503_and_the_server_goes_on(engine):
+    """The request timeout: an engine batch slower than request_timeout_s answers 503 with
+    Retry-After; the late result is dropped, and the next request is answered normally."""
+    class SlowEngine:
+        def __init__(self, inner, delay):
+            self.inner, self.delay = inner, delay
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def recommend_dense(self, *args, **kwargs):
+            time.sleep(self.delay)
+            return self.inner.recommend_dense(*args, **kwargs)
+
+    server = start(engine, request_timeout_s=0.2)
+    try:
+        server.batcher.engine = SlowEngine(engine, delay=0.6)
+        status, payload, headers = request(server, "POST", "/recommend", {"history": [1000, 1003, 1010]})
+        assert status == 503 and "no result within 0.2 s" in payload["error"] and headers["Retry-After"] == "1"
+        server.batcher.engine = engine
+        time.sleep(0.6)  # the slow batch finishes and its answer finds the request already answered
+        status, payload, _ = request(server, "POST", "/recommend", {"history": [1000, 1003, 1010]})
+        assert status == 200 and len(payload["items"]) == 5
     finally:
         server.shutdown()
 

@@ -1,6 +1,7 @@
 """What the benchmarks share: starting workers in fresh processes (one process, or P processes
 under torchrun, Gloo on a free loopback port, a given number of CPU threads each), a checkpoint of
-the demo's model size, the machine facts of a report, and printing / saving a report."""
+the demo's model size, the machine facts of a report (CPU model, cores, load average), and
+printing / saving a report."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def demo_checkpoint(directory: Path, dim: int = 64) -> Path:
 
     from diffrec_ext import checkpoint as ckpt
     from diffrec_ext.synthetic import synthetic_dataset
-    from diffrec_ext.train import TrainConfig, build_model
+    from diffrec_ext.config import TrainConfig
+    from diffrec_ext.model import build_model
 
     dataset = synthetic_dataset(seed=0)
     config = TrainConfig(dim=dim, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, seeds=10)
@@ -55,7 +57,9 @@ def demo_checkpoint(directory: Path, dim: int = 64) -> Path:
 def machine_facts() -> dict:
     import torch
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    from diffrec_ext.bench_inference import cpu_model
+
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "load_average_after": os.getloadavg()}
 
 
