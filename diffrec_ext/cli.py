@@ -513,8 +513,11 @@ def cmd_recommend(args) -> int:
         subject = f"user {args.user} ({len(dense)} interactions)"
     else:
         dense, unknown = rec.to_dense([int(h) if h.lstrip("-").isdigit() else h for h in args.history])
+        if unknown and not args.skip_unknown:  # the same rule as the engine and serve: an error
+            raise CLIError(f"--history has {len(unknown)} item id(s) the model does not know: {unknown[:10]} "
+                           "(--skip-unknown ranks with the others)")
         if unknown:
-            print(f"ignoring {len(unknown)} item ids unknown to the model: {unknown[:10]}", file=sys.stderr)
+            print(f"skipping {len(unknown)} item ids unknown to the model: {unknown[:10]}", file=sys.stderr)
         if not dense:
             print("warning: empty history: the ranking is the model's prior", file=sys.stderr)
         subject = f"a history of {len(dense)} items"
@@ -683,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--user", default=None, help="original user id (with the dataset: --data or the checkpoint's)")
     recommend.add_argument("--history", nargs="+", default=None, metavar="ITEM",
                            help="original item ids, oldest first")
+    recommend.add_argument("--skip-unknown", action="store_true",
+                           help="leave out --history ids the model does not know (said on stderr) instead of failing")
     recommend.add_argument("-k", "--k", type=int, default=10, help="number of items (default 10)")
     recommend.add_argument("--items", default=None, metavar="PATH",
                            help="item metadata for titles, e.g. MovieLens movies.dat (MovieID::Title::Genres)")

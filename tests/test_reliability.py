@@ -1169,13 +1169,18 @@ case("cli-evaluate-default-seed", "CLI evaluate", "evaluate --checkpoint <run di
           "the run's result.json")
 
 
-def cli_unknown_history(ctx):
-    out, err = run_cli("recommend", "--checkpoint", ctx.run, "--history", "1", "nope", "--device", "cpu", "-k", "3")
-    assert "ignoring 1 item ids unknown to the model: ['nope']" in err and "top-3" in out
+def cli_unknown_history_skipped(ctx):
+    out, err = run_cli("recommend", "--checkpoint", ctx.run, "--history", "1", "nope", "--device", "cpu", "-k", "3",
+                       "--skip-unknown")
+    assert "skipping 1 item ids unknown to the model: ['nope']" in err and "top-3" in out
 
 
-case("cli-recommend-unknown-history", "CLI recommend", "recommend --history 1 nope", cli_unknown_history, None,
-     sees="accepted: stderr \"ignoring 1 item ids unknown to the model: ['nope']\", then the top-k of the rest")
+case("cli-recommend-unknown-history", "CLI recommend", "recommend --history 1 nope",
+     cli_case("recommend", "--checkpoint", run_of, "--history", "1", "nope", "--device", "cpu", "-k", "3"), CLIExit,
+     r"exit 2; stderr: .*--history has 1 item id\(s\) the model does not know: \['nope'\] \(--skip-unknown")
+case("cli-recommend-unknown-history-skipped", "CLI recommend", "recommend --history 1 nope --skip-unknown",
+     cli_unknown_history_skipped, None,
+     sees="accepted: stderr \"skipping 1 item ids unknown to the model: ['nope']\", then the top-k of the rest")
 
 
 # ================================================================================================
