@@ -24,16 +24,21 @@ SASRec ("diffrec with diffusion switched off"): the same DSR with the clean [unk
 target slot, no noise, no step embedding, no MSE term, only L_rec.
 
 Training modes:
+- "window" (the default): each user's training part cut into windows of T items, stride s; every
+  training target supervised exactly once per epoch, every position of a window in one pass (the
+  two-stream form), with its own step n per supervised position (data.training_sequences).
 - "prefix" (the paper): every prefix of every training sequence is one example,
   [history (last T - 1 items), target]; `samples_per_epoch` > 0 draws that many prefixes per epoch.
-- "user": one window of the last T items of each user's training part, every position supervised
-  in one pass (the two-stream form of model.DSR.forward_two_stream; one step n per window; the
-  window's L_n recorded by the sampler is the mean over its positions).
+- "user": only the window of the last T items of each user's training part, trained as a window
+  row (every position in one pass, a step n per supervised position); the earlier targets of a
+  longer user are not seen.
 
-Validation NDCG@10 after every epoch picks the best checkpoint, which is tested at the end. Each
-epoch appends a JSON line to <out_dir>/log.jsonl. `train(..., resume=True)` continues from the last
-completed epoch and gives the same result as an uninterrupted run (model, optimizer, sampler and
-generator states are restored; dropout's RNG is reseeded at every epoch).
+`Trainer` runs it, RecBole-style: `fit()` = per epoch `train_epoch`, `validate`, `save`; then `test`
+(`train(...)` is `Trainer(...).fit()`). Validation NDCG@10 after every epoch picks the best
+checkpoint, which is tested at the end. Each epoch appends a JSON line to <out_dir>/log.jsonl.
+`train(..., resume=True)` continues from the last completed epoch and gives the same result as an
+uninterrupted run (model, optimizer, sampler and generator states are restored; dropout's RNG is
+reseeded at every epoch).
 
 Under torchrun (a default process group of P > 1 processes) the same call trains data-parallel:
 see `train` and docs/distributed.md.
@@ -308,13 +313,254 @@ def _on_cpu(value):
     return value
 
 
-def _restore_run(config: TrainConfig, out_dir: Path, fingerprint, model, optimizer, sampler, step_gen,
-                 noise_gen, log) -> tuple[TrainState, dict | None]:
-    """Load the run in out_dir into the model, optimizer, sampler and generators; returns its
-    TrainState and the best epoch's weights (on the CPU)."""
+def _training_device(config: TrainConfig, replicas: _Replicas) -> torch.device:
+    device = resolve_device(config.device)
+    if replicas.size > 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # set per process from LOCAL_RANK
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            raise ConfigError(f"the process group uses nccl, which needs device cuda, got {device}")
+    return device
+
+
+class Trainer:
+    """Alg. 1 with validation after every epoch, RecBole-style: `fit()` starts (or resumes) the run,
+    then `train_epoch`, `validate` and `save` each epoch until the last, patience or the callback
+    stops it, and `test` evaluates the best epoch's weights. `train()` is `Trainer(...).fit()`.
+    See `train` for the arguments and for data-parallel training."""
+
+    def __init__(self, config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume: bool = False,
+                 progress: bool = True, callback: Callable[[dict], None] | None = None,
+                 log: Callable[[str], None] | None = print, extra_meta: dict | None = None):
+        config.validate()
+        self.config, self.dataset, self.progress, self.callback = config, dataset, progress, callback
+        self.replicas = replicas = _Replicas(*dd.rank_and_world_size())
+        if config.batch_size % replicas.size:
+            raise ConfigError(f"batch_size = {config.batch_size} (the combined batch) must be divisible by the "
+                              f"{replicas.size} processes")
+        self.log = (log or (lambda message: None)) if replicas.lead else (lambda message: None)
+        self.device = device = _training_device(config, replicas)
+        self.bf16 = bf16_enabled(config.bf16, device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if resume and self.out_dir is None:
+            raise ConfigError("resume needs an output directory")
+        self.fingerprint = dataset_fingerprint(dataset)
+        self.meta = {"dataset": self.fingerprint, **(extra_meta or {})}
+
+        torch.manual_seed(config.seed)
+        self.model = model = build_model(config, dataset.num_items).to(device)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.sampler = (LossSecondMomentSampler(config.num_steps)
+                        if config.kind == "diffrec" and config.importance_sampling else None)
+        self.step_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.noise_gen = torch.Generator(device=device).manual_seed(config.seed + 3)
+        self.state, self.best_weights = self._start(resume)
+        self.writes = self.out_dir is not None and replicas.lead
+
+        self.train_rows = training_sequences(
+            dataset, config.max_len if config.two_stream else config.max_len - 1, config.mode,
+            config.resolved_window_stride if config.mode == "window" else None)
+        if len(self.train_rows) == 0:
+            raise ValueError("the dataset has no training sequence (every user needs >= 2 training items)")
+        self.all_targets = training_target_count(dataset)
+        self.log(f"{config.kind}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                 f"{len(self.train_rows):,} training rows ({config.mode} mode) supervising "
+                 f"{self.train_rows.num_targets:,} of the {self.all_targets:,} training targets, device {device}"
+                 + (f", {replicas.size} processes of {config.batch_size // replicas.size} rows per batch"
+                    if replicas.size > 1 else ""))
+        self.loss_module = _TrainingLoss(model, config.two_stream)
+        if replicas.size > 1:  # broadcasts rank 0's parameters, then averages the gradients in backward
+            self.loss_module = DistributedDataParallel(
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
+        self.eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,
+                                 seed=config.seed, batch_size=config.eval_batch_size, bf16=self.bf16,
+                                 sharded=replicas.size > 1)
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        """Train the epochs left, then test the best epoch's weights; returns the result (see train)."""
+        config, state = self.config, self.state
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            if state.stopped_early:
+                break
+            started = time.perf_counter()
+            totals, num_batches = self.train_epoch(epoch)
+            record = self.validate(epoch, totals, num_batches, started)
+            self.save(record)
+            if self._should_stop(record):
+                break
+        return self.test()
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
+        """One pass over this rank's rows of `epoch`: (summed loss parts and targets, batches)."""
+        config, replicas, model = self.config, self.replicas, self.model
+        model.train()
+        torch.manual_seed(_dropout_seed(config.seed, epoch, replicas.rank))
+        rows = _epoch_rows(len(self.train_rows), config, epoch, replicas)
+        local_batch = config.batch_size // replicas.size
+        batches = range(0, len(rows), local_batch)
+        bar = None
+        if self.progress and replicas.lead:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(batches, desc=f"{config.kind} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                       disable=None)  # None: off when stderr is not a terminal
+            batches = bar
+        totals: dict[str, float] = {}
+        for index, first in enumerate(batches, start=1):
+            batch = self.train_rows.batch(rows[first:first + local_batch])
+            with autocast_context(self.device, self.bf16):
+                loss, parts = _train_step(self.loss_module, model, batch, config, self.sampler, self.step_gen,
+                                          self.noise_gen, self.device, replicas)
+            if not math.isfinite(parts["loss"]):  # the combined batch's loss: every rank stops here
+                raise FloatingPointError(f"non-finite loss {parts} at epoch {epoch}, batch {index}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if bar is not None:
+                bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items() if key != "targets"})
+        if bar is not None:
+            bar.close()
+        return totals, max(1, math.ceil(len(rows) / local_batch))
+
+    def validate(self, epoch: int, totals: dict[str, float], num_batches: int, started: float) -> dict[str, Any]:
+        """Validation NDCG@10 after `epoch`: keeps the best weights, counts patience, and returns the
+        epoch's log record (losses, coverage, targets/s, validation metrics, embedding statistics)."""
+        state, model = self.state, self.model
+        train_seconds = time.perf_counter() - started
+        epoch_targets = int(totals.pop("targets", 0))
+        valid = evaluate(model, self.dataset, "valid", **self.eval_options)
+        ndcg = valid["NDCG@10"]
+        improved = ndcg > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.bad_epochs = ndcg, epoch, 0
+            self.best_weights = _on_cpu(model.state_dict())
+        else:
+            state.bad_epochs += 1
+        if self.config.patience and state.bad_epochs >= self.config.patience:
+            state.stopped_early = True
+        record = {
+            "epoch": epoch, **{key: value / num_batches for key, value in totals.items()},
+            "coverage": epoch_targets / self.all_targets, "targets_per_s": round(epoch_targets / train_seconds, 1),
+            "valid": valid, "item_emb_norm": model.item_embedding_norm(),
+            "item_emb_cos": model.item_embedding_cosine(),
+            "out_weight_norm": model.output_weight_norm(),
+            "sampler_warm": bool(self.sampler.warmed_up()) if self.sampler is not None else None,
+            "best_epoch": state.best_epoch, "train_seconds": round(train_seconds, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        state.epoch = epoch
+        state.history.append(record)
+        return record
+
+    def save(self, record: dict[str, Any]) -> None:
+        """The epoch's checkpoint (weights, optimizer, sampler, generators, state) and its log line,
+        written by rank 0 when there is an output directory; then the epoch's line on the log."""
+        epoch, valid, improved = record["epoch"], record["valid"], record["best_epoch"] == record["epoch"]
+        if self.writes:
+            opt_tensors, opt_meta = ckpt.optimizer_to_parts(self.optimizer)
+            tensors = {**opt_tensors, **_generator_tensors(self.step_gen, self.noise_gen)}
+            if self.sampler is not None:
+                tensors.update({f"sampler.{k}": v for k, v in self.sampler.state_dict().items()})
+            scalars = {"format": ckpt.FORMAT, "optimizer": opt_meta, "train_state": dataclasses.asdict(self.state)}
+            ckpt.write_run_checkpoint(self.out_dir, epoch, self.model, self.config.to_dict(), self.item_ids,
+                                      {**self.meta, "epoch": epoch, "valid": valid}, tensors, scalars, improved)
+            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        loss_text = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_mse", "loss_rec") if k in record)
+        self.log(f"epoch {epoch:3d}  {loss_text}  valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}"
+                 f"{' *' if improved else ''}  |E| {record['item_emb_norm']:.2f} cos {record['item_emb_cos']:.3f}"
+                 f"  coverage {record['coverage']:.3f}  {record['targets_per_s']:,.0f} targets/s  "
+                 f"{record['seconds']:.1f}s")
+
+    def _should_stop(self, record: dict[str, Any]) -> bool:
+        stop = self.callback is not None and self.callback(record) is True
+        # any rank's callback may stop the run (e.g. a time budget), and then every rank stops
+        if self.replicas.sum(torch.tensor([float(stop)], device=self.device)).item() > 0:
+            self.log(f"stopped by the callback after epoch {record['epoch']}")
+            return True
+        if self.state.stopped_early:
+            self.log(f"early stop: no better valid NDCG@10 for {self.config.patience} epochs")
+            return True
+        return False
+
+    def test(self) -> dict[str, Any]:
+        """The best epoch's weights on the test split; writes result.json; returns the result."""
+        config, state, model = self.config, self.state, self.model
+        if self.best_weights is not None:
+            model.load_state_dict(self.best_weights)
+        best_record = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+        test = evaluate(model, self.dataset, "test", **self.eval_options)
+        result = {
+            "kind": config.kind, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+            "valid": best_record["valid"] if best_record else None, "test": test,
+            "popularity": {split: popularity_metrics(self.dataset, split, config.eval_exclude_seen)
+                           for split in ("valid", "test")},
+            "dataset": self.fingerprint, "config": config.to_dict(), "processes": self.replicas.size,
+        }
+        if self.writes:
+            ckpt.atomic_write_json(self.out_dir / "result.json", result)
+        result["model"] = model
+        return result
+
+    # ------------------------------------------------------------------ starting and resuming
+    def _start(self, resume: bool) -> tuple[TrainState, dict | None]:
+        """Rank 0 checks out_dir and, with resume, reads the run there (the checkpoint is read once);
+        the other ranks receive its outcome, so a refused resume raises on every rank and a resumed
+        run continues from the same state everywhere."""
+        replicas, out_dir = self.replicas, self.out_dir
+        outcome = None
+        if replicas.lead:
+            state, best_weights = TrainState(), None
+            try:
+                if resume:
+                    state, best_weights = _restore_run(self)
+                elif out_dir is not None and (out_dir / ckpt.LAST_POINTER).exists():
+                    raise ConfigError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose "
+                                      "another directory")
+                if out_dir is not None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    if not state.history:
+                        ckpt.atomic_write_bytes(out_dir / "log.jsonl", b"")
+            except Exception as error:  # noqa: BLE001  (re-raised below, on every rank)
+                outcome = {"error": error}
+            else:
+                outcome = {"error": None}
+                if state.epoch and replicas.size > 1:
+                    outcome.update(_on_cpu({
+                        "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+                        "generators": _generator_tensors(self.step_gen, self.noise_gen),
+                        "state": dataclasses.asdict(state), "best": best_weights,
+                    }))
+        outcome = replicas.from_lead(outcome)
+        if outcome["error"] is not None:
+            raise outcome["error"]
+        if replicas.lead:
+            return state, best_weights
+        if "state" not in outcome:  # a new run
+            return TrainState(), None
+        self.model.load_state_dict(outcome["model"])
+        self.optimizer.load_state_dict(outcome["optimizer"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(outcome["sampler"])
+        self.step_gen.set_state(outcome["generators"]["rng.steps"])
+        self.noise_gen.set_state(outcome["generators"]["rng.noise"])
+        return TrainState(**outcome["state"]), outcome["best"]
+
+
+def _restore_run(trainer: Trainer) -> tuple[TrainState, dict | None]:
+    """Load the run in the trainer's out_dir into its model, optimizer, sampler and generators;
+    returns its TrainState and the best epoch's weights (on the CPU)."""
+    config, out_dir, sampler = trainer.config, trainer.out_dir, trainer.sampler
     found = ckpt.read_run_state(out_dir)
     if found is None:
-        log(f"nothing to resume in {out_dir}: starting a new run")
+        trainer.log(f"nothing to resume in {out_dir}: starting a new run")
         return TrainState(), None
     directory, scalars, tensors = found
     saved = TrainConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_FILE)["config"])
@@ -324,88 +570,35 @@ def _restore_run(config: TrainConfig, out_dir: Path, fingerprint, model, optimiz
         raise ConfigError(f"cannot resume {out_dir}: config differs in {changed} "
                           f"(only {list(TrainConfig.RESUMABLE_CHANGES)} may change)")
     saved_fp = ckpt.read_json(directory / ckpt.CONFIG_FILE).get("dataset")
-    if saved_fp != fingerprint:
+    if saved_fp != trainer.fingerprint:
         raise ConfigError(f"cannot resume {out_dir}: it was trained on a different dataset "
-                          f"({saved_fp} vs {fingerprint})")
-    needed = ["rng.steps", "rng.noise"] + (["sampler.loss_history", "sampler.counts"] if sampler is not None else [])
+                          f"({saved_fp} vs {trainer.fingerprint})")
+    needed = ["rng.steps", "rng.noise"] + (["sampler.loss_history", "sampler.counts"] if sampler is not None
+                                           else [])
     missing = [name for name in needed if name not in tensors]
-    missing += [name for name in ("optimizer", "train_state") if not isinstance(scalars, dict) or name not in scalars]
+    missing += [name for name in ("optimizer", "train_state")
+                if not isinstance(scalars, dict) or name not in scalars]
     if missing:
         raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state lacks {missing}")
-    ckpt.load_weights(model, directory / ckpt.MODEL_FILE)
+    ckpt.load_weights(trainer.model, directory / ckpt.MODEL_FILE)
     try:
-        ckpt.optimizer_from_parts(optimizer, tensors, scalars["optimizer"])
+        ckpt.optimizer_from_parts(trainer.optimizer, tensors, scalars["optimizer"])
         if sampler is not None:
             sampler.load_state_dict({"loss_history": tensors["sampler.loss_history"],
                                      "counts": tensors["sampler.counts"]})
-        step_gen.set_state(tensors["rng.steps"])
-        noise_gen.set_state(tensors["rng.noise"])
+        trainer.step_gen.set_state(tensors["rng.steps"])
+        trainer.noise_gen.set_state(tensors["rng.noise"])
         state = TrainState(**scalars["train_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ckpt.CheckpointError(f"cannot resume from {directory}: its training state does not fit "
                                    f"this model and config ({type(error).__name__}: {error})") from None
-    best_weights = ckpt.read_tensors(ckpt.resolve(out_dir, "best") / ckpt.MODEL_FILE) if state.best_epoch else None
+    best_weights = (ckpt.read_tensors(ckpt.resolve(out_dir, "best") / ckpt.MODEL_FILE) if state.best_epoch
+                    else None)
     ckpt.remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
-    log(f"resuming {out_dir} after epoch {state.epoch} (best valid NDCG@10 "
-        f"{state.best_metric:.4f} at epoch {state.best_epoch})")
+    trainer.log(f"resuming {out_dir} after epoch {state.epoch} (best valid NDCG@10 "
+             f"{state.best_metric:.4f} at epoch {state.best_epoch})")
     ckpt.atomic_write_bytes(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.history).encode())
     return state, best_weights
-
-
-def _start_run(config: TrainConfig, out_dir: Path | None, resume: bool, fingerprint, model, optimizer, sampler,
-               step_gen, noise_gen, log, replicas: _Replicas) -> tuple[TrainState, dict | None]:
-    """Rank 0 checks out_dir and, with resume, reads the run there (the checkpoint is read once);
-    the other ranks receive its outcome, so a refused resume raises on every rank and a resumed
-    run continues from the same state everywhere."""
-    outcome = None
-    if replicas.lead:
-        state, best_weights = TrainState(), None
-        try:
-            if resume:
-                state, best_weights = _restore_run(config, out_dir, fingerprint, model, optimizer, sampler,
-                                                   step_gen, noise_gen, log)
-            elif out_dir is not None and (out_dir / ckpt.LAST_POINTER).exists():
-                raise ConfigError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose "
-                                  "another directory")
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                if not state.history:
-                    ckpt.atomic_write_bytes(out_dir / "log.jsonl", b"")
-        except Exception as error:  # noqa: BLE001  (re-raised below, on every rank)
-            outcome = {"error": error}
-        else:
-            outcome = {"error": None}
-            if state.epoch and replicas.size > 1:
-                outcome.update(_on_cpu({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sampler": sampler.state_dict() if sampler is not None else None,
-                    "generators": _generator_tensors(step_gen, noise_gen),
-                    "state": dataclasses.asdict(state), "best": best_weights,
-                }))
-    outcome = replicas.from_lead(outcome)
-    if outcome["error"] is not None:
-        raise outcome["error"]
-    if replicas.lead:
-        return state, best_weights
-    if "state" not in outcome:  # a new run
-        return TrainState(), None
-    model.load_state_dict(outcome["model"])
-    optimizer.load_state_dict(outcome["optimizer"])
-    if sampler is not None:
-        sampler.load_state_dict(outcome["sampler"])
-    step_gen.set_state(outcome["generators"]["rng.steps"])
-    noise_gen.set_state(outcome["generators"]["rng.noise"])
-    return TrainState(**outcome["state"]), outcome["best"]
-
-
-def _training_device(config: TrainConfig, replicas: _Replicas) -> torch.device:
-    device = resolve_device(config.device)
-    if replicas.size > 1:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # set per process from LOCAL_RANK
-        if dist.get_backend() == "nccl" and device.type != "cuda":
-            raise ConfigError(f"the process group uses nccl, which needs device cuda, got {device}")
-    return device
 
 
 def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume: bool = False,
@@ -427,144 +620,5 @@ def train(config: TrainConfig, dataset: SequenceDataset, out_dir=None, *, resume
     validation and test are sharded over users, and only rank 0 writes to out_dir, logs and reads a
     checkpoint to resume. Up to float rounding and dropout masks (drawn per rank), the run equals
     the single-process run of the same config (tests/test_distributed_training.py)."""
-    config.validate()
-    replicas = _Replicas(*dd.rank_and_world_size())
-    if config.batch_size % replicas.size:
-        raise ConfigError(f"batch_size = {config.batch_size} (the combined batch) must be divisible by the "
-                          f"{replicas.size} processes")
-    log = (log or (lambda message: None)) if replicas.lead else (lambda message: None)
-    device = _training_device(config, replicas)
-    bf16 = bf16_enabled(config.bf16, device)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if resume and out_dir is None:
-        raise ConfigError("resume needs an output directory")
-    fingerprint = dataset_fingerprint(dataset)
-    meta = {"dataset": fingerprint, **(extra_meta or {})}
-
-    torch.manual_seed(config.seed)
-    model = build_model(config, dataset.num_items).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sampler = (LossSecondMomentSampler(config.num_steps)
-               if config.kind == "diffrec" and config.importance_sampling else None)
-    step_gen = torch.Generator().manual_seed(config.seed + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 3)
-    state, best_weights = _start_run(config, out_dir, resume, fingerprint, model, optimizer, sampler, step_gen,
-                                     noise_gen, log, replicas)
-    writes = out_dir is not None and replicas.lead
-
-    train_rows = training_sequences(dataset, config.max_len if config.two_stream else config.max_len - 1,
-                                    config.mode, config.resolved_window_stride if config.mode == "window" else None)
-    if len(train_rows) == 0:
-        raise ValueError("the dataset has no training sequence (every user needs >= 2 training items)")
-    all_targets = training_target_count(dataset)
-    log(f"{config.kind}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train_rows):,} "
-        f"training rows ({config.mode} mode) supervising {train_rows.num_targets:,} of the {all_targets:,} "
-        f"training targets, device {device}"
-        + (f", {replicas.size} processes of {config.batch_size // replicas.size} rows per batch"
-           if replicas.size > 1 else ""))
-    loss_module = _TrainingLoss(model, config.two_stream)
-    if replicas.size > 1:  # broadcasts rank 0's parameters, then averages the gradients in backward
-        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
-    eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,
-                        seed=config.seed, batch_size=config.eval_batch_size, bf16=bf16, sharded=replicas.size > 1)
-    local_batch = config.batch_size // replicas.size
-
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if state.stopped_early:
-            break
-        model.train()
-        torch.manual_seed(_dropout_seed(config.seed, epoch, replicas.rank))
-        started = time.perf_counter()
-        rows = _epoch_rows(len(train_rows), config, epoch, replicas)
-        batches = range(0, len(rows), local_batch)
-        bar = None
-        if progress and replicas.lead:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(batches, desc=f"{config.kind} epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-                       disable=None)  # None: off when stderr is not a terminal
-            batches = bar
-        totals: dict[str, float] = {}
-        for index, first in enumerate(batches, start=1):
-            batch = train_rows.batch(rows[first:first + local_batch])
-            with autocast_context(device, bf16):
-                loss, parts = _train_step(loss_module, model, batch, config, sampler, step_gen, noise_gen, device,
-                                          replicas)
-            if not math.isfinite(parts["loss"]):  # the combined batch's loss: every rank stops here
-                raise FloatingPointError(f"non-finite loss {parts} at epoch {epoch}, batch {index}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
-            if bar is not None:
-                bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items() if key != "targets"})
-        if bar is not None:
-            bar.close()
-        num_batches = max(1, math.ceil(len(rows) / local_batch))
-        train_seconds = time.perf_counter() - started
-        epoch_targets = int(totals.pop("targets", 0))
-        valid = evaluate(model, dataset, "valid", **eval_options)
-        ndcg = valid["NDCG@10"]
-        improved = ndcg > state.best_metric
-        if improved:
-            state.best_metric, state.best_epoch, state.bad_epochs = ndcg, epoch, 0
-            best_weights = _on_cpu(model.state_dict())
-        else:
-            state.bad_epochs += 1
-        if config.patience and state.bad_epochs >= config.patience:
-            state.stopped_early = True
-        record = {
-            "epoch": epoch, **{key: value / num_batches for key, value in totals.items()},
-            "coverage": epoch_targets / all_targets, "targets_per_s": round(epoch_targets / train_seconds, 1),
-            "valid": valid, "item_emb_norm": model.item_embedding_norm(),
-            "item_emb_cos": model.item_embedding_cosine(),
-            "out_weight_norm": model.output_weight_norm(),
-            "sampler_warm": bool(sampler.warmed_up()) if sampler is not None else None,
-            "best_epoch": state.best_epoch, "train_seconds": round(train_seconds, 3),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        state.epoch = epoch
-        state.history.append(record)
-        if writes:
-            opt_tensors, opt_meta = ckpt.optimizer_to_parts(optimizer)
-            tensors = {**opt_tensors, **_generator_tensors(step_gen, noise_gen)}
-            if sampler is not None:
-                tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
-            scalars = {"format": ckpt.FORMAT, "optimizer": opt_meta, "train_state": dataclasses.asdict(state)}
-            ckpt.write_run_checkpoint(out_dir, epoch, model, config.to_dict(), item_ids,
-                                      {**meta, "epoch": epoch, "valid": valid}, tensors, scalars, improved)
-            with open(out_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        loss_text = " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_mse", "loss_rec") if k in record)
-        log(f"epoch {epoch:3d}  {loss_text}  valid HR@10 {valid['HR@10']:.4f} NDCG@10 {ndcg:.4f}"
-            f"{' *' if improved else ''}  |E| {record['item_emb_norm']:.2f} cos {record['item_emb_cos']:.3f}"
-            f"  coverage {record['coverage']:.3f}  {record['targets_per_s']:,.0f} targets/s  {record['seconds']:.1f}s")
-        stop = callback is not None and callback(record) is True
-        # any rank's callback may stop the run (e.g. a time budget), and then every rank stops
-        if replicas.sum(torch.tensor([float(stop)], device=device)).item() > 0:
-            log(f"stopped by the callback after epoch {epoch}")
-            break
-        if state.stopped_early:
-            log(f"early stop: no better valid NDCG@10 for {config.patience} epochs")
-            break
-
-    # test the best epoch's weights
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
-    best_record = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
-    test = evaluate(model, dataset, "test", **eval_options)
-    result = {
-        "kind": config.kind, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
-        "valid": best_record["valid"] if best_record else None, "test": test,
-        "popularity": {split: popularity_metrics(dataset, split, config.eval_exclude_seen) for split in ("valid", "test")},
-        "dataset": fingerprint, "config": config.to_dict(), "processes": replicas.size,
-    }
-    if writes:
-        ckpt.atomic_write_json(out_dir / "result.json", result)
-    result["model"] = model
-    return result
+    return Trainer(config, dataset, out_dir, resume=resume, progress=progress, callback=callback, log=log,
+                   extra_meta=extra_meta).fit()
