@@ -509,14 +509,14 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
     # than declared as a parameter: FastAPI's path (json.loads, then validation of the Python
     # objects, then its dependency machinery) measured 25% more CPU per request through the app.
     # The schema is declared for OpenAPI; the answer models document the answers. The route class
-    # hands the endpoint the Request directly (see _RequestRoute).
+    # hands the endpoint the Request directly (see _request_route_class).
     request_body = {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
     router = APIRouter(route_class=_request_route_class())
 
     # the route's body limit sits inside _Guard, which answers a declared oversize body first
     @router.post("/recommend", response_model=OneAnswer | ManyAnswers, responses=errors,
-              summary="top-k items for one history or several", max_body_size=limits.max_body_bytes,
-              openapi_extra={"requestBody": request_body})
+                 summary="top-k items for one history or several", max_body_size=limits.max_body_bytes,
+                 openapi_extra={"requestBody": request_body})
     async def recommend(request: Request):
         try:
             raw = await request.body()
