@@ -603,17 +603,7 @@ def cmd_score(args) -> int:
 # parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="diffrec", description="DiffRec (Du et al. 2023, sequential "
-                                     "recommendation with diffusion models) with fused C++/CUDA ops: train, "
-                                     "evaluate and serve next-item recommenders.",
-                                     epilog="Run `diffrec <command> --help` for the options of a command.")
-
-    parser.add_argument("--version", action="version", version=f"diffrec-ext {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="command")
-    sub.required = True
-
+def _add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="train and evaluate DiffRec and SASRec on the built-in synthetic data",
                           description="Generate the built-in synthetic dataset (planted sequential structure), train "
                                       "DiffRec and the SASRec baseline with small CPU-friendly settings, and print "
@@ -630,18 +620,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no per-epoch output or progress bars")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_prepare_command(sub) -> None:
     prepare = sub.add_parser("prepare", help="read and preprocess an interaction file, print its statistics",
                              description="Read any supported file, apply the paper's preprocessing (implicit "
                                          "feedback, k-core, chronological order), print the statistics, and "
                                          "optionally write the result: per-user sequence lines `user item ...` "
                                          "(oldest first, original ids; .gz to compress) or a RecBole .inter file.",
-                             formatter_class=formatter)
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     prepare.add_argument("input", nargs="?", default=None, help="the interaction file (same as --data)")
     _add_data_args(prepare)
     prepare.add_argument("--out", default=None, help="write the processed dataset here (.txt, .txt.gz or .inter)")
     prepare.set_defaults(func=cmd_prepare)
 
-    download = sub.add_parser("download", help="download a MovieLens dataset", formatter_class=formatter,
+
+def _add_download_command(sub) -> None:
+    download = sub.add_parser("download", help="download a MovieLens dataset",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Download and unpack a MovieLens dataset (checksum verified); prints the "
                                           "path of its ratings file, ready for `diffrec train --data`.")
     download.add_argument("name", help="ml-100k, ml-1m, ml-10m, ml-20m or ml-25m")
@@ -651,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--force", action="store_true", help="download again even if present")
     download.set_defaults(func=cmd_download)
 
+
+def _add_train_command(sub) -> None:
     train = sub.add_parser("train", help="train DiffRec or the SASRec baseline on a dataset file",
                            description="Alg. 1: Adam, validation NDCG@10 after every epoch, the best checkpoint "
                                        "tested at the end. Writes epoch checkpoints (safetensors + JSON), "
@@ -667,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_command(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split",
                               description="Full-ranking HR/NDCG@5/10/20 of a checkpoint (a run directory uses its "
                                           "best.json) on the valid or test split, beside the popularity ranking. "
@@ -679,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_recommend_command(sub) -> None:
     recommend = sub.add_parser("recommend", help="top-k items for a user or a history",
                                description="Top-k recommendations in original item ids, for a user of a dataset "
                                            "(their whole sequence is the history) or for --history item ids.")
@@ -697,9 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(recommend)
     recommend.set_defaults(func=cmd_recommend)
 
+
+def _add_score_command(sub) -> None:
     score = sub.add_parser(
         "score", help="top-k for every user of a dataset or every history of a file, into Parquet or CSV",
-        formatter_class=formatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Top-k recommendations for every user of a dataset (--data, default: the checkpoint's; each "
                     "user's whole sequence is the history) or every history of a file (--histories: JSON lines "
                     "{\"user\": ..., \"history\": [...]}, Parquet with a list column, or CSV with the history "
@@ -726,6 +729,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
     _add_eval_args(score, engine_names=True)
     score.set_defaults(func=cmd_score)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrec", description="DiffRec (Du et al. 2023, sequential "
+                                     "recommendation with diffusion models) with fused C++/CUDA ops: train, "
+                                     "evaluate and serve next-item recommenders.",
+                                     epilog="Run `diffrec <command> --help` for the options of a command.")
+
+    parser.add_argument("--version", action="version", version=f"diffrec-ext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+
+    _add_demo_command(sub)
+    _add_prepare_command(sub)
+    _add_download_command(sub)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    _add_recommend_command(sub)
+    _add_score_command(sub)
 
     serve.add_cli(sub)
     bench_inference.add_cli(sub)
