@@ -40,7 +40,7 @@ from .config import resolve_device
 from .data import evaluation_batch, load_dataset
 from .engine import EagerEngine, InferenceEngine
 from .errors import CheckpointError
-from .inference import reverse_steps, target_ranks
+from .inference import reverse_steps
 from .metrics import ranking_metrics
 from .model import DSR
 from .synthetic import synthetic_dataset
@@ -262,6 +262,7 @@ def stride_quality(model: DSR, dataset, steps=(1, 10, 100, 1000), *, split: str 
     users = len(batch.targets) if max_users is None else min(max_users, len(batch.targets))
     offsets = batch.seen_offsets[:users + 1]
     seen = batch.seen_items[:offsets[-1]]
+    engine = InferenceEngine(model, batch_size=batch_size, cuda_graphs=False)
     configs = [("alg3", 1, 1, alg3_seeds)]
     for count in sorted(steps):
         stride = model.num_steps // count
@@ -269,9 +270,9 @@ def stride_quality(model: DSR, dataset, steps=(1, 10, 100, 1000), *, split: str 
     rows = []
     for algorithm, visited, stride, seeds in configs:
         started = time.perf_counter()
-        ranks = target_ranks(model, torch.from_numpy(batch.histories[:users]), torch.from_numpy(batch.targets[:users]),
-                             exclude_seen=exclude_seen, seeds=seeds, method=algorithm, seed=seed, stride=stride,
-                             batch_size=batch_size, seen_offsets=offsets, seen_items=seen)
+        ranks = engine.target_ranks(batch.histories[:users], batch.targets[:users], exclude_seen=exclude_seen,
+                                    seeds=seeds, algorithm=algorithm, seed=seed, stride=stride, seen_offsets=offsets,
+                                    seen_items=seen)
         metrics = ranking_metrics(ranks, (10, 20))
         rows.append(dict(algorithm=algorithm, steps=visited, stride=stride, seeds=seeds, split=split, users=users,
                          **metrics, seconds=time.perf_counter() - started))

@@ -38,7 +38,7 @@ def bf16_enabled(setting: str, device) -> bool:
 def autocast_context(device, bf16: bool):
     """bf16 autocast of the forward passes (the encoder's matmuls and attention) on the device's
     type; the item layer's cross-entropy and the seed ops get float32 f_theta (see _TrainingLoss,
-    inference.target_ranks). A no-op when bf16 is False."""
+    InferenceEngine.target_ranks). A no-op when bf16 is False."""
     device = torch.device(device)
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -41,8 +41,9 @@ from . import ops, reference
 from .checkpoint import load_model
 from .config import resolve_device
 from .errors import UnknownItemsError
-from .inference import (METHODS, Recommender, check_flag, check_k, check_room, check_seed, exclusion,
-                        history_items, posterior, reverse_steps)
+from .inference import (METHODS, Recommender, batch_seed, check_finite_predictions, check_flag, check_item_layer_finite,
+                        check_k, check_rank_inputs, check_room, check_seed, exclusion, history_items, posterior,
+                        reverse_steps, seen_exclusion, shard_starts)
 from .model import DSR, PAD, attention_mask, padding_mask_of
 
 ALGORITHMS = METHODS  # "alg3": one denoiser pass per seed; "alg2": the reverse process
@@ -656,6 +657,61 @@ class _EngineBase:
                 out_scores[index] = values
             self.last_timings["total_s"] = time.perf_counter() - started
         return out_ids, out_scores
+
+    def target_ranks(self, histories, targets, exclude_seen: bool = True, seeds: int | None = None,
+                     algorithm: str | None = None, stride: int = 1, seed: int = 0, seen_offsets=None,
+                     seen_items=None, progress: bool = False, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """0-based pessimistic rank of each target under full ranking (ops.seed_target_rank), [U]
+        int64, without a [U, V] score matrix: the evaluation of every split (training's validation,
+        `diffrec evaluate`, the benchmarks).
+
+        `histories`: a left-padded [U, H] tensor or array, or lists of dense ids; `targets` [U]
+        dense ids. With exclude_seen, each user's seen items leave the ranking: the CSR
+        `seen_offsets` [U + 1] / `seen_items` when given (the untruncated history), else the items
+        of `histories`. Padding (0) is never counted.
+
+        Users go in their given order, in batches of `batch_size`; batch i draws its noise from a
+        generator seeded with `inference.batch_seed(seed, i)`, so a batch's ranks do not depend on
+        which batches were computed before it. `shard = (r, P)` computes only the batches i with
+        i % P == r (the ranks of those users, in order; see `inference.shard_users`), which is how
+        evaluation is split over P processes."""
+        arrays, targets, seen_offsets, seen_items = check_rank_inputs(
+            self.num_items, histories, targets, exclude_seen=exclude_seen, seed=seed, seen_offsets=seen_offsets,
+            seen_items=seen_items, shard=shard)
+        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
+        weight, bias = self._float_item_layer()
+        starts = shard_starts(len(arrays), self.batch_size, shard)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="rank", leave=False, unit="batch", disable=None)
+        ranks = []
+        with self._lock, torch.inference_mode():
+            generator = torch.Generator(device=self.device)
+            for start in starts:
+                stop = min(start + self.batch_size, len(arrays))
+                ids, offsets, excluded = self._host_batch(arrays[start:stop], exclude_seen and seen_offsets is None)
+                if exclude_seen and seen_offsets is not None:
+                    offsets, excluded = seen_exclusion(seen_offsets, seen_items, start, stop)
+                ids, offsets, excluded = (t.to(self.device) for t in (ids, offsets, excluded))
+                generator.manual_seed(batch_seed(seed, start // self.batch_size))
+                plan = self._plan(algorithm, ids.shape[0], seeds, stride)
+                noise = self._draw_noise(stop - start, seeds, algorithm, plan, generator)
+                hidden = self._denoise_with_noise(ids, stop - start, seeds, algorithm, stride, noise).float()
+                check_finite_predictions(hidden, start)
+                rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(self.device), offsets,
+                                            excluded)
+                ranks.append(rank.cpu())
+        return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+    def _float_item_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The item layer (W, b) in float32 (the seed ops take one float dtype for hidden, W and b;
+        under bf16 autocast the tied W comes out of a matmul in bf16), checked finite."""
+        with torch.inference_mode():
+            weight, bias = self.model.item_layer()
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        check_item_layer_finite(weight, bias)
+        return weight, bias
 
     def _denoise_with_noise(self, ids, users, seeds, algorithm, stride, noise):
         return self._denoise(ids, users, seeds, algorithm, stride, noise)

@@ -211,16 +211,16 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _check_finite(finite_rows: torch.Tensor, start: int) -> None:
+def check_finite_predictions(hidden: torch.Tensor, start: int) -> None:
     """The seed ops refuse NaN/Inf inputs without saying whose (see docs/reliability.md); checked
-    before them, this names the histories. `finite_rows` [B] bool from the [B, S, d] predictions."""
-    finite_rows = finite_rows.cpu()
+    before them, this names the histories (`start`: the first one's row) of [B, S, d] predictions."""
+    finite_rows = torch.isfinite(hidden).flatten(1).all(1).cpu()
     if not bool(finite_rows.all()):
         rows = (torch.nonzero(~finite_rows)[:, 0] + start).tolist()
         raise FloatingPointError(f"the model predicts NaN/Inf for histories {rows[:10]}: check its weights")
 
 
-def _check_item_layer_finite(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_item_layer_finite(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise FloatingPointError(f"the model's output {name} holds NaN/Inf: scores and ranks would be meaningless")
@@ -260,14 +260,14 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
     model.eval()
     device = model.pos_emb.device
     weight, bias = _float_item_layer(model)
-    _check_item_layer_finite(weight, bias)
+    check_item_layer_finite(weight, bias)
     generator = torch.Generator(device=device).manual_seed(seed)
     all_ids, all_scores = [], []
     for start in range(0, len(lists), batch_size):
         chunk = lists[start:start + batch_size]
         ids = inference_input(model, chunk, device)
         hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
-        _check_finite(torch.isfinite(hidden).flatten(1).all(1), start)
+        check_finite_predictions(hidden, start)
         offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
         scores, items = ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
         all_ids.append(items.cpu())
@@ -277,38 +277,27 @@ def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, see
     return torch.cat(all_ids), torch.cat(all_scores)
 
 
-@torch.no_grad()
-def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seeds: int = 10,
-                 method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256,
-                 seen_offsets=None, seen_items=None, progress: bool = False,
-                 shard: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """0-based pessimistic rank of each target under full ranking (ops.seed_target_rank), [U] int64,
-    without a [U, V] score matrix.
-
-    Users go in batches of `batch_size`; batch i draws its noise from a generator seeded with
-    `batch_seed(seed, i)`, so a batch's ranks do not depend on which batches were computed before
-    it. `shard = (r, P)` computes only the batches i with i % P == r (the ranks of those users, in
-    order; see `shard_users`), which is how evaluation is split over P processes.
-
-    `histories`: left-padded [U, H] tensor or lists of dense ids; `targets` [U] dense ids. With
-    exclude_seen, each user's seen items leave the ranking: the CSR `seen_offsets` [U + 1] /
-    `seen_items` when given (the untruncated history), else the items of `histories`. Padding (0)
-    is never counted."""
+def check_rank_inputs(num_items: int, histories, targets, *, exclude_seen, seed, seen_offsets, seen_items,
+                      shard: tuple[int, int]):
+    """The arguments of a target-rank call (InferenceEngine.target_ranks), checked: (the histories
+    as int64 arrays without padding, targets [U] int64, seen_offsets [U + 1] or None, seen_items
+    or None). `histories`: a
+    left-padded [U, H] tensor or array, or lists of dense ids; `targets` [U] dense ids; the CSR
+    `seen_offsets` / `seen_items` (both or neither) lists each user's seen items."""
     targets = torch.as_tensor(targets, dtype=torch.int64)
-    count = targets.shape[0]
+    count = targets.shape[0] if targets.dim() else 0
     if len(histories) != count:
         raise ValueError(f"{len(histories)} histories for {count} targets")
     if targets.dim() != 1:
         raise ValueError(f"targets must be 1-D, got shape {tuple(targets.shape)}")
-    if count and (targets.min() < 1 or targets.max() > model.num_items):
-        row = int(((targets < 1) | (targets > model.num_items)).nonzero()[0, 0])
+    if count and (targets.min() < 1 or targets.max() > num_items):
+        row = int(((targets < 1) | (targets > num_items)).nonzero()[0, 0])
         raise ValueError(f"targets[{row}] = {int(targets[row])} is out of range: targets must be item ids in "
-                         f"[1, {model.num_items}]")
+                         f"[1, {num_items}]")
     if (seen_offsets is None) != (seen_items is None):
         raise ValueError("give both seen_offsets and seen_items, or neither")
     check_flag("exclude_seen", exclude_seen)
     check_seed(seed)
-    _check_batch_size(batch_size)
     if seen_offsets is not None:
         seen_offsets = torch.as_tensor(seen_offsets, dtype=torch.int64)
         seen_items = torch.as_tensor(seen_items, dtype=torch.int64)
@@ -321,74 +310,55 @@ def target_ranks(model: DSR, histories, targets, exclude_seen: bool = True, seed
             shown = f"{seen_offsets[:6].tolist()}{' ...' if count > 5 else ''}"
             raise ValueError(f"seen_offsets must rise from 0 to len(seen_items) = {len(seen_items)}, got {shown} "
                              f"ending at {int(seen_offsets[-1])}")
-        bad = (seen_items < 1) | (seen_items > model.num_items)
+        bad = (seen_items < 1) | (seen_items > num_items)
         if bad.any():
             position = int(bad.nonzero()[0, 0])
             raise ValueError(f"seen_items[{position}] = {int(seen_items[position])} is out of range: seen items "
-                             f"must be item ids in [1, {model.num_items}]")
+                             f"must be item ids in [1, {num_items}]")
     if isinstance(histories, np.ndarray):
         histories = torch.from_numpy(histories)
     if isinstance(histories, torch.Tensor):
-        _check_history_tensor(histories, model.num_items)
-    else:
-        _history_lists(histories, model.num_items)  # checks every id, naming its row and position
-    weight, bias = _float_item_layer(model)
-    _check_item_layer_finite(weight, bias)
+        _check_history_tensor(histories, num_items)
+        arrays = [row[row != 0] for row in histories.to(torch.int64).cpu().numpy()]
+    else:  # checks every id, naming its row and position
+        arrays = [np.asarray(row, dtype=np.int64) for row in _history_lists(histories, num_items)]
     shard_rank, shard_count = shard
     if not 0 <= shard_rank < shard_count:
         raise ValueError(f"shard = {shard} must be (r, P) with 0 <= r < P")
-    model.eval()
-    device = model.pos_emb.device
-    generator = torch.Generator(device=device)
-    ranks = []
-    starts = _shard_starts(count, batch_size, shard)
-    if progress:
-        from tqdm.auto import tqdm
+    return arrays, targets, seen_offsets, seen_items
 
-        starts = tqdm(starts, desc="rank", leave=False, unit="batch", disable=None)
-    for start in starts:
-        stop = min(start + batch_size, count)
-        hist = histories[start:stop]
-        ids = inference_input(model, hist, device)
-        generator.manual_seed(batch_seed(seed, start // batch_size))
-        hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
-        _check_finite(torch.isfinite(hidden).flatten(1).all(1), start)
-        if exclude_seen and seen_offsets is not None:
-            lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])
-            offsets = seen_offsets[start:stop + 1] - lo
-            # padding always excluded: prepend one 0 per row
-            rows = stop - start
-            counts = offsets[1:] - offsets[:-1] + 1
-            csr_offsets = torch.zeros(rows + 1, dtype=torch.int64)
-            csr_offsets[1:] = torch.cumsum(counts, 0)
-            csr_ids = torch.zeros(int(csr_offsets[-1]), dtype=torch.int64)
-            body = torch.ones(int(csr_offsets[-1]), dtype=torch.bool)
-            body[csr_offsets[:-1]] = False
-            csr_ids[body] = seen_items[lo:hi]
-            offsets, excluded = csr_offsets.to(device), csr_ids.to(device)
-        else:
-            lists = _history_lists(hist, model.num_items) if exclude_seen else None
-            offsets, excluded = exclusion(lists, stop - start, exclude_seen, device)
-        rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(device), offsets, excluded)
-        ranks.append(rank.cpu())
-    return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+def seen_exclusion(seen_offsets: torch.Tensor, seen_items: torch.Tensor, start: int, stop: int):
+    """The exclusion CSR (offsets [rows + 1], ids) of users start..stop-1 from the CSR of their seen
+    items: padding (0) first in every row, then the user's seen items."""
+    lo, hi = int(seen_offsets[start]), int(seen_offsets[stop])
+    offsets = seen_offsets[start:stop + 1] - lo
+    counts = offsets[1:] - offsets[:-1] + 1
+    csr_offsets = torch.zeros(stop - start + 1, dtype=torch.int64)
+    csr_offsets[1:] = torch.cumsum(counts, 0)
+    csr_ids = torch.zeros(int(csr_offsets[-1]), dtype=torch.int64)
+    body = torch.ones(int(csr_offsets[-1]), dtype=torch.bool)
+    body[csr_offsets[:-1]] = False
+    csr_ids[body] = seen_items[lo:hi]
+    return csr_offsets, csr_ids
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
-    """The noise seed of batch `batch_index` of a `target_ranks` call with `seed` (distinct for
+    """The noise seed of batch `batch_index` of a target-rank call with `seed` (distinct for
     every (seed, batch) pair below a million batches)."""
     return (seed * 1_000_003 + batch_index) % 2**63
 
 
-def _shard_starts(count: int, batch_size: int, shard: tuple[int, int]) -> range:
+def shard_starts(count: int, batch_size: int, shard: tuple[int, int]) -> range:
     """First user of each batch of `shard = (r, P)`: batches r, r + P, ..."""
     shard_rank, shard_count = shard
     return range(shard_rank * batch_size, count, shard_count * batch_size)
 
 
 def shard_users(count: int, batch_size: int, shard: tuple[int, int]) -> np.ndarray:
-    """Positions [U_r] int64 of the users whose ranks `target_ranks(..., shard=shard)` returns."""
-    starts = _shard_starts(count, batch_size, shard)
+    """Positions [U_r] int64 of the users whose ranks `InferenceEngine.target_ranks(..., shard=shard)`
+    returns."""
+    starts = shard_starts(count, batch_size, shard)
     return np.concatenate([np.arange(start, min(start + batch_size, count)) for start in starts] or
                           [np.zeros(0, dtype=np.int64)])
 

@@ -68,7 +68,8 @@ from . import ops
 from .config import ConfigError, TrainConfig, autocast_context, bf16_enabled, resolve_device
 from .data import (SequenceDataset, evaluation_batch, item_popularity, training_sequences,
                    training_target_count)
-from .inference import shard_users, target_ranks
+from .engine import InferenceEngine
+from .inference import shard_users
 from .metrics import KS, popularity_ranks, ranking_metrics
 from .model import DSR, build_model
 from .sampler import LossSecondMomentSampler
@@ -101,11 +102,13 @@ def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seed
     batch = evaluation_batch(dataset, split, model.max_len - 1)
     device = model.pos_emb.device
     rank, world_size = dd.rank_and_world_size() if sharded else (0, 1)
+    # the live model (no copy) at its own dtype; no CUDA graphs, which would be captured anew each call
+    engine = InferenceEngine(model, device=device, dtype=model.pos_emb.dtype, batch_size=batch_size,
+                             cuda_graphs=False)
     with autocast_context(device, bf16):
-        ranks = target_ranks(
-            model, torch.from_numpy(batch.histories), torch.from_numpy(batch.targets), exclude_seen=exclude_seen,
-            seeds=seeds, method=method, seed=seed, stride=stride, batch_size=batch_size,
-            seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
+        ranks = engine.target_ranks(
+            batch.histories, batch.targets, exclude_seen=exclude_seen, seeds=seeds, algorithm=method, seed=seed,
+            stride=stride, seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
             shard=(rank, world_size),
         )
     if world_size > 1:

@@ -373,7 +373,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import numpy as np, pandas as pd, torch
     torch.set_num_threads(1)
     from diffrec_ext.data import preprocess
-    from diffrec_ext.inference import recommend, target_ranks
+    from diffrec_ext.engine import InferenceEngine
+    from diffrec_ext.inference import recommend
     from diffrec_ext.train import TrainConfig, build_model, train
 
     def rss_kb():
@@ -404,7 +405,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
         if batch % 2:
             recommend(model, histories, k=10, seeds=4, seed=batch)
         else:
-            target_ranks(model, torch.tensor(histories), rng.integers(1, dataset.num_items + 1, 32), seeds=4)
+            InferenceEngine(model).target_ranks(torch.tensor(histories), rng.integers(1, dataset.num_items + 1, 32),
+                                                seeds=4)
         if batch % 10 == 9:
             sample(inference)
     training = []

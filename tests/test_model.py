@@ -12,8 +12,8 @@ from conftest import tiny_dataset
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import ops
 from diffrec_ext.data import popularity_ranking_metrics
-from diffrec_ext.inference import (Recommender, posterior, predict_h0, recommend, reverse_steps,
-                                   target_ranks)
+from diffrec_ext.engine import InferenceEngine
+from diffrec_ext.inference import Recommender, posterior, predict_h0, recommend, reverse_steps
 from diffrec_ext.metrics import hit_ratio, item_counts, ndcg, popularity_ranks, ranking_metrics
 from diffrec_ext.model import DSR, attention_mask
 from diffrec_ext.sampler import LossSecondMomentSampler
@@ -272,7 +272,7 @@ def test_target_ranks_match_dense_ranking(exclude_seen):
     model = tiny_model("sasrec")
     histories = torch.tensor([[0, 0, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 0, 3]])
     targets = torch.tensor([5, 2, 3])
-    ranks = target_ranks(model, histories, targets, exclude_seen=exclude_seen, seeds=1)
+    ranks = InferenceEngine(model).target_ranks(histories, targets, exclude_seen=exclude_seen, seeds=1)
     with torch.no_grad():
         logits = torch.nn.functional.linear(model(model.build_input(histories)), *model.item_layer())
     for row in range(3):

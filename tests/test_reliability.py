@@ -41,13 +41,21 @@ from diffrec_ext import reference as ref
 from diffrec_ext.checkpoint import CheckpointError
 from diffrec_ext.data import DataFormatError, load_dataset, preprocess, read_interactions
 from diffrec_ext.engine import InferenceEngine, UnknownItemsError
-from diffrec_ext.inference import Recommender, predict_h0, recommend, target_ranks
+from diffrec_ext.engine import InferenceEngine
+from diffrec_ext.inference import Recommender, predict_h0, recommend
 from diffrec_ext.schedules import NoiseSchedule
 from diffrec_ext.synthetic import write_synthetic
 from diffrec_ext.train import ConfigError, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def target_ranks(model, histories, targets, **options):
+    """The engine's target ranks of a model (the evaluation path)."""
+    return InferenceEngine(model).target_ranks(histories, targets, **options)
+
+
 DOCS = REPO_ROOT / "docs" / "reliability.md"
 C = torch.ops.diffrec_ext if ops.HAVE_EXTENSION else None
 needs_ext = pytest.mark.skipif(not ops.HAVE_EXTENSION, reason="compiled extension not built")
