@@ -525,7 +525,7 @@ def machine() -> dict:
         pass
     import torch
 
-    from diffrec_ext.bench_inference import cpu_model
+    from common import cpu_model
     from diffrec_ext.config import bf16_enabled
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "bf16_auto_picks_bf16": bf16_enabled("auto", "cpu"),

@@ -54,10 +54,17 @@ def demo_checkpoint(directory: Path, dim: int = 64) -> Path:
                            extra={"data": {"path": "synthetic", "synthetic_seed": 0, "k_core": 5}})
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what the platform says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
+
+
 def machine_facts() -> dict:
     import torch
-
-    from diffrec_ext.bench_inference import cpu_model
 
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "load_average_after": os.getloadavg()}

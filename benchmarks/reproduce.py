@@ -68,11 +68,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout: use its diffrec_ext, not another installed copy
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:  # common.py beside this file, also when loaded as a module
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffrec_ext.bench_inference import cpu_model  # noqa: E402
+from common import cpu_model  # noqa: E402
 from diffrec_ext.metrics import KS  # noqa: E402
 from diffrec_ext.config import TrainConfig, autocast_context, bf16_enabled  # noqa: E402
 from diffrec_ext.train import evaluate, popularity_metrics, train  # noqa: E402

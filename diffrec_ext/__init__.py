@@ -2,7 +2,7 @@
 
 The data path, one module each: file -> `data.load_dataset` (or `synthetic.synthetic_dataset`)
 -> `data.training_sequences` / `data.evaluation_batch` (batches) -> `model.DSR` trained by
-`train.train` -> scores (`inference.Recommender`, `ops.seed_topk`, `ops.seed_target_rank`)
+`train.train` -> scores (`recommender.Recommender` over `engine.InferenceEngine`, `ops.seed_topk`, `ops.seed_target_rank`)
 -> `metrics`.
 """
 
@@ -10,7 +10,7 @@ from . import ops, reference
 from ._version import __version__
 from .config import TrainConfig
 from .data import SequenceDataset, load_dataset
-from .inference import Recommender
+from .recommender import Recommender
 from .ops import BUILD_INFO, HAVE_EXTENSION
 from .schedules import NoiseSchedule
 from .synthetic import synthetic_dataset

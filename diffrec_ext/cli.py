@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bench_inference, scoring, serve
+from . import scoring, serve
 from ._version import __version__
 from . import download as dl
 from .checkpoint import CONFIG_FILE, ITEMS_FILE, MODEL_FILE, atomic_write_bytes, resolve
@@ -35,9 +35,9 @@ from .data import TRAIN_MODES, detect_format, load_dataset
 from .distributed import exit_without_teardown, init_process_group_from_env
 from .engine import InferenceEngine
 from .errors import CheckpointError, ConfigError, DataFormatError
-from .inference import Recommender
 from .metrics import format_table
 from .model import MODEL_KINDS, STEP_EMBEDDINGS
+from .recommender import Recommender
 from .schedules import SCHEDULES
 from .synthetic import synthetic_dataset
 from .train import evaluate, popularity_metrics, train
@@ -525,7 +525,7 @@ def cmd_recommend(args) -> int:
     seeds = args.seeds or config.seeds
     try:
         rows = rec.recommend_dense([dense], k=args.k, exclude_seen=exclude, titles=titles, seeds=seeds,
-                                   method=args.method or config.inference, seed=_seed(args, config),
+                                   algorithm=args.method or config.inference, seed=_seed(args, config),
                                    stride=args.stride)[0]
     except ValueError as error:
         raise CLIError(str(error)) from None
@@ -750,7 +750,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_command(sub)
 
     serve.add_cli(sub)
-    bench_inference.add_cli(sub)
     return parser
 
 

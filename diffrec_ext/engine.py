@@ -1,15 +1,13 @@
-"""Batched inference engines: top-k recommendations for many users at once, from a checkpoint.
+"""The inference engine: top-k recommendations and target ranks for many users at once, from a
+checkpoint; the package's one implementation of Alg. 2 / Alg. 3 scoring (`recommend`,
+`recommend_dense`, `target_ranks`, `predict_h0`; `recommender.Recommender` is the facade over it).
 
-Two engines with one interface (`recommend`, `recommend_dense`, `predict_h0`):
-
-- `InferenceEngine`, the fast one. bf16 on CUDA, float32 on the CPU; the embedding sum through the
+- `InferenceEngine`: bf16 on CUDA, float32 on the CPU; the embedding sum through the
   fused `ops.denoiser_input`; the catalog scored by `ops.seed_topk` in tiles (never a [B, S, V]
   tensor); users sorted by history length and batched, each batch trimmed to its longest history;
   on CUDA the whole denoiser (Alg. 3's pass, or Alg. 2's reverse loop) captured in a CUDA graph
   per batch shape, inputs copied from pinned memory on a side stream while the previous batch runs.
-- `EagerEngine`, the baseline measured beside it: the same model in plain PyTorch, B * S full
-  sequences per denoiser pass, the embedding sum from `reference.denoiser_input`, the scores as
-  logits [B * S, V] -> softmax -> mean over seeds -> topk.
+- The plain PyTorch baseline measured beside it (`EagerEngine`) lives in benchmarks/eager_engine.py.
 
 The shared-history pass. With causal attention (the default model) no position attends to a later
 one, so the history positions never see the noised slot: their states in every layer, keys and
@@ -37,11 +35,11 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from . import ops, reference
+from . import ops
 from .checkpoint import load_model
 from .config import resolve_device
 from .errors import UnknownItemsError
-from .inference import (METHODS, Recommender, batch_seed, check_finite_predictions, check_flag, check_item_layer_finite,
+from .inference import (METHODS, batch_seed, check_finite_predictions, check_flag, check_item_layer_finite,
                         check_k, check_rank_inputs, check_room, check_seed, exclusion, history_items, posterior,
                         reverse_steps, seen_exclusion, shard_starts)
 from .model import DSR, PAD, attention_mask, padding_mask_of
@@ -60,7 +58,7 @@ class TopK:
 
 
 @dataclass
-class _StepPlan:
+class StepPlan:
     """The denoiser steps of one algorithm for one batch shape, as device tensors made once."""
 
     steps: list[int]  # visited diffusion steps, descending
@@ -69,14 +67,14 @@ class _StepPlan:
     coefficients: list[tuple[float, float, float]] = field(default_factory=list)  # posterior per transition
     start: tuple[float, float] = (0.0, 0.0)  # h_N = start[0] * E[unk] + start[1] * eps
 
-    def truncated(self, count: int) -> _StepPlan:
+    def truncated(self, count: int) -> StepPlan:
         count = min(count, len(self.steps))
-        return _StepPlan(self.steps[:count], self.rows_steps[:count], self.seq_steps[:count],
+        return StepPlan(self.steps[:count], self.rows_steps[:count], self.seq_steps[:count],
                          self.coefficients[:count - 1], self.start)
 
 
 # ------------------------------------------------------------------------------------- denoiser passes
-def _slot_steps(model: DSR, steps: torch.Tensor, noised: int) -> torch.Tensor:
+def slot_steps(model: DSR, steps: torch.Tensor, noised: int) -> torch.Tensor:
     """The steps argument of ops.denoiser_input for `noised` slot positions: [rows], or [rows, K]
     when the model puts the step embedding on the noised positions only (step_embedding "target")."""
     if model.step_embedding == "target":
@@ -89,7 +87,7 @@ def _history_has_step(model: DSR) -> bool:
     return model.add_step and model.step_embedding == "all"
 
 
-def _repeat_rows(t: torch.Tensor, seeds: int) -> torch.Tensor:
+def repeat_rows(t: torch.Tensor, seeds: int) -> torch.Tensor:
     """Each row `seeds` times in a row ([rows, ...] -> [rows * S, ...]), as repeat_interleave,
     written as expand + reshape: no output-size computation, so safe inside a graph capture."""
     return t.unsqueeze(1).expand(t.shape[0], seeds, *t.shape[1:]).reshape(t.shape[0] * seeds, *t.shape[1:])
@@ -113,10 +111,10 @@ class _SharedHistoryPass:
         self.prefix_positions, self.suffix_positions = positions[:prefix], positions[prefix:]
         padding = padding_mask_of(ids)
         self.prefix_padding = padding[:, :prefix]
-        self.suffix_padding = _repeat_rows(padding[:, prefix:], seeds)
+        self.suffix_padding = repeat_rows(padding[:, prefix:], seeds)
         vectors = model.item_vectors(ids)
         self.prefix_vectors = vectors[:, :prefix]
-        self.suffix_vectors = _repeat_rows(vectors[:, prefix:], seeds)
+        self.suffix_vectors = repeat_rows(vectors[:, prefix:], seeds)
         self.slot_vectors = self.suffix_vectors[:, -1]
         self.prefix_attention = attention_mask(self.prefix_padding, causal=True)
         self.suffix_attention = self._suffix_attention(padding[:, prefix:], seeds)
@@ -175,25 +173,25 @@ class _SharedHistoryPass:
             x = layer.feed_forward(x + attended.reshape(x.shape))
         return model.final_ln(x[:, -1])
 
-    def one_pass(self, noise: torch.Tensor | None, plan: _StepPlan) -> torch.Tensor:
+    def one_pass(self, noise: torch.Tensor | None, plan: StepPlan) -> torch.Tensor:
         """Alg. 3's pass (or SASRec's): f(h_N, N) for every user and seed, [rows * S, d]."""
         model = self.model
         table, table_noise = self.engine.noising_tables
         states = self._history_states(plan.rows_steps[0])
         noised = model.noised_positions
-        x = ops.denoiser_input(self.suffix_vectors, self.suffix_positions, _slot_steps(model, plan.seq_steps[0], noised),
+        x = ops.denoiser_input(self.suffix_vectors, self.suffix_positions, slot_steps(model, plan.seq_steps[0], noised),
                                table, table_noise, noise if noised else self.no_noise_suffix, self.suffix_padding,
                                noised, model.add_position, model.add_step)
         return self._suffix_outputs(model.input_drop(model.input_ln(x)), states)
 
-    def denoise_slot(self, h: torch.Tensor, step: int, plan: _StepPlan) -> torch.Tensor:
+    def denoise_slot(self, h: torch.Tensor, step: int, plan: StepPlan) -> torch.Tensor:
         """f(h_n, n) with the slot's state given (Alg. 2; the slot is the only noised position)."""
         model = self.model
         table, table_noise = self.engine.noising_tables
         states = self._history_states(plan.rows_steps[step])
         slot = h.to(self.suffix_vectors.dtype)[:, None]
         if model.step_embedding == "target":  # the slot as the noised position, with "leave it as it is" tables
-            x = ops.denoiser_input(slot, self.suffix_positions, _slot_steps(model, plan.seq_steps[step], 1),
+            x = ops.denoiser_input(slot, self.suffix_positions, slot_steps(model, plan.seq_steps[step], 1),
                                    *self.engine.identity_tables, torch.zeros_like(slot), self.suffix_padding, 1,
                                    model.add_position, model.add_step)
         else:
@@ -208,45 +206,14 @@ class _FullSequencePass:
 
     def __init__(self, engine: InferenceEngine, ids: torch.Tensor, seeds: int):
         self.model = engine.model
-        self.sequences = _repeat_rows(ids, seeds)
+        self.sequences = repeat_rows(ids, seeds)
         self.slot_vectors = self.model.item_vectors(self.sequences[:, -1])
 
-    def one_pass(self, noise, plan: _StepPlan) -> torch.Tensor:
+    def one_pass(self, noise, plan: StepPlan) -> torch.Tensor:
         return self.model(self.sequences, plan.seq_steps[0], noise)
 
-    def denoise_slot(self, h, step: int, plan: _StepPlan) -> torch.Tensor:
+    def denoise_slot(self, h, step: int, plan: StepPlan) -> torch.Tensor:
         return self.model.forward_from_hidden(self.sequences, plan.seq_steps[step], h)
-
-
-class _EagerPass:
-    """The baseline: rows * S full sequences in plain PyTorch (embedding sum from the reference
-    twin, then the model's own LayerNorm and encoder), nothing shared between seeds."""
-
-    def __init__(self, engine: EagerEngine, ids: torch.Tensor, seeds: int):
-        self.model, self.engine = engine.model, engine
-        self.sequences = _repeat_rows(ids, seeds)
-        self.padding = padding_mask_of(self.sequences)
-        self.vectors = self.model.item_vectors(self.sequences)
-        self.slot_vectors = self.vectors[:, -1]
-
-    def _encode(self, vectors, steps, noise, noised_positions, tables=None):
-        model = self.model
-        table, table_noise = tables or self.engine.noising_tables
-        x = reference.denoiser_input(vectors, self.engine.position_table, _slot_steps(model, steps, noised_positions),
-                                     table, table_noise, noise, self.padding, noised_positions, model.add_position,
-                                     model.add_step)
-        return model.encode(model.input_drop(model.input_ln(x)), self.padding)[:, -1]
-
-    def one_pass(self, noise, plan: _StepPlan) -> torch.Tensor:
-        noised = self.model.noised_positions
-        if not noised:
-            noise = self.vectors.new_zeros(self.vectors.shape[0], 0, self.model.dim)
-        return self._encode(self.vectors, plan.seq_steps[0], noise, noised)
-
-    def denoise_slot(self, h, step: int, plan: _StepPlan) -> torch.Tensor:
-        vectors = torch.cat([self.vectors[:, :-1], h.to(self.vectors.dtype)[:, None]], dim=1)
-        as_is = vectors.new_zeros(vectors.shape[0], 1, self.model.dim)  # the slot, left as it is
-        return self._encode(vectors, plan.seq_steps[step], as_is, 1, self.engine.identity_tables)
 
 
 # ------------------------------------------------------------------------------------- CUDA graphs
@@ -327,7 +294,7 @@ class _Transfers:
 
 
 # ------------------------------------------------------------------------------------- engines
-class _EngineBase:
+class EngineBase:
     """Model preparation, id mapping, validation, batching and the host/device pipeline shared by
     both engines; subclasses choose the denoiser pass and the scoring."""
 
@@ -367,7 +334,8 @@ class _EngineBase:
             self.position_table = (model.pos_emb * model.emb_scale).detach()
         self.batch_size = batch_size
         self.item_ids = list(item_ids) if item_ids is not None else None
-        self._catalog: Recommender | None = None
+        self._dense_of: dict | None = None  # original id -> dense id, see lookup
+        self._item_layer_finite = False
         self.config = config
         self.meta = meta or {}
         self.profile = profile
@@ -414,21 +382,30 @@ class _EngineBase:
         }
 
     # ----------------------------------------------------------------- ids
-    def _catalog_map(self) -> Recommender:
-        if self._catalog is None:  # built on first use: a dict over a large catalog costs memory
-            self._catalog = Recommender(self.model, self.item_ids, self.config, self.meta)
-        return self._catalog
+    def lookup(self, original_items: Sequence) -> tuple[list[int], list]:
+        """(dense ids, unknown original ids) of one history given in the dataset's own item ids
+        (ints or strings: 1 and "1" are the same id). Without an id map the ids are the model's."""
+        if self.item_ids is None:
+            return list(original_items), []
+        if self._dense_of is None:  # built on first use: a dict over a large catalog costs memory
+            self._dense_of = {item: index + 1 for index, item in enumerate(self.item_ids)}
+            self._dense_of.update({str(item): index + 1 for index, item in enumerate(self.item_ids)})
+        dense, unknown = [], []
+        for item in original_items:
+            key = item if item in self._dense_of else str(item)
+            if key in self._dense_of:
+                dense.append(self._dense_of[key])
+            else:
+                unknown.append(item)
+        return dense, unknown
 
     def to_dense(self, histories: Sequence[Sequence]) -> list[list[int]]:
         """Dense ids of histories given in the dataset's own item ids; UnknownItemsError names the
         first history with ids the catalog does not know."""
         histories = [history_items(history, f"histories[{row}]") for row, history in enumerate(histories)]
-        if self.item_ids is None:
-            return histories  # no id map: the ids are the model's own
-        catalog = self._catalog_map()
         dense_histories = []
         for row, history in enumerate(histories):
-            dense, unknown = catalog.to_dense(history)
+            dense, unknown = self.lookup(history)
             if unknown:
                 raise UnknownItemsError(row, unknown)
             dense_histories.append(dense)
@@ -449,16 +426,18 @@ class _EngineBase:
             histories = [row[row != PAD] for row in table]
         arrays = []
         for row, history in enumerate(histories):
-            array = np.asarray(history_items(history, f"histories[{row}]"))
+            items = history_items(history, f"histories[{row}]")
+            array = np.asarray(items)
             if array.size == 0:
                 arrays.append(np.zeros(0, dtype=np.int64))
                 continue
-            if array.ndim != 1 or array.dtype.kind not in "iu":
-                raise ValueError(f"history {row} must be a flat sequence of integer item ids, got {array.dtype} "
-                                 f"with shape {array.shape}")
+            if array.dtype.kind not in "iu":  # strs: original ids, which dense histories cannot hold
+                position = next(p for p, item in enumerate(items) if not isinstance(item, (int, np.integer)))
+                raise ValueError(f"histories[{row}][{position}] = {items[position]!r} is not an integer item id")
             if array.min() < 1 or array.max() > self.num_items:
-                bad = array[(array < 1) | (array > self.num_items)][0]
-                raise ValueError(f"history {row}: item id {int(bad)} is out of range [1, {self.num_items}]")
+                position = int(np.flatnonzero((array < 1) | (array > self.num_items))[0])
+                raise ValueError(f"histories[{row}][{position}] = {int(array[position])} is out of range: dense "
+                                 f"item ids lie in [1, {self.num_items}]")
             arrays.append(array.astype(np.int64, copy=False))
         return arrays
 
@@ -490,7 +469,7 @@ class _EngineBase:
         stride. SASRec models always run one deterministic pass: (1, "alg3")."""
         return self._options(seeds, algorithm, stride)
 
-    def _plan(self, algorithm: str, rows: int, seeds: int, stride: int) -> _StepPlan:
+    def _plan(self, algorithm: str, rows: int, seeds: int, stride: int) -> StepPlan:
         key = (algorithm, rows, seeds, stride)
         plan = self._plans.get(key)
         if plan is not None:
@@ -505,7 +484,7 @@ class _EngineBase:
             visited = reverse_steps(model.num_steps, stride)
         rows_steps = [torch.full((rows,), t, dtype=torch.int64, device=self.device) for t in visited]
         seq_steps = [torch.full((rows * seeds,), t, dtype=torch.int64, device=self.device) for t in visited]
-        plan = _StepPlan(visited, rows_steps, seq_steps)
+        plan = StepPlan(visited, rows_steps, seq_steps)
         if algorithm == "alg2" and model.diffusion:
             # As inference.predict_h0: the chain runs on input_scale * h0 (model.DSR).
             scale = model.input_scale
@@ -523,7 +502,7 @@ class _EngineBase:
         raise NotImplementedError
 
     def _run_denoiser(self, ids: torch.Tensor, noise: torch.Tensor, seeds: int, algorithm: str,
-                      plan: _StepPlan) -> torch.Tensor:
+                      plan: StepPlan) -> torch.Tensor:
         """h0 predictions [rows * S, d] for device inputs `ids` [rows, L] and the call's noise."""
         denoiser = self._make_pass(ids, seeds)
         if algorithm == "alg3" or not self.model.diffusion:
@@ -539,7 +518,7 @@ class _EngineBase:
             h = coef_h0 * f.to(self.state_dtype) + coef_hn * h + sigma * noise[index + 1]
         raise AssertionError("a plan visits at least one step")
 
-    def _draw_noise(self, rows: int, seeds: int, algorithm: str, plan: _StepPlan, generator) -> torch.Tensor:
+    def _draw_noise(self, rows: int, seeds: int, algorithm: str, plan: StepPlan, generator) -> torch.Tensor:
         """The call's Gaussian draws for `rows` users, in inference.predict_h0's shapes, flattened
         to the sequence layout: Alg. 3 [rows * S, K, d] (compute dtype), Alg. 2 [m, rows * S, d]."""
         model, dim = self.model, self.model.dim
@@ -627,6 +606,9 @@ class _EngineBase:
         out_scores = torch.zeros(users, k, dtype=torch.float32)
         if users == 0:
             return out_ids, out_scores
+        if not self._item_layer_finite:
+            self._float_item_layer()  # once per engine: an inference engine's weights do not change
+            self._item_layer_finite = True
         with self._lock, torch.inference_mode():
             self.last_timings = {}
             started = time.perf_counter()
@@ -646,6 +628,8 @@ class _EngineBase:
                 plan = self._plan(algorithm, ids.shape[0], seeds, stride)
                 noise = self._draw_noise(len(rows), seeds, algorithm, plan, generator)
                 hidden = self._denoise_with_noise(ids, len(rows), seeds, algorithm, stride, noise)
+                if self.device.type == "cpu":  # on CUDA the seed ops' device-side checks refuse NaN/Inf, unsynced
+                    check_finite_predictions(hidden, rows)
                 mark = self._timed("denoise_s", mark)
                 values, items = self._score(hidden, k, offsets, excluded)
                 pending.append((rows, self._transfers.fetch((items, values.float()))))
@@ -738,7 +722,7 @@ class _EngineBase:
             hidden = self._denoise_with_noise(ids, users, seeds, algorithm, stride, flat)
             return hidden.float().cpu().clone()
 
-    def _given_noise(self, noise: torch.Tensor, users: int, seeds: int, algorithm: str, plan: _StepPlan):
+    def _given_noise(self, noise: torch.Tensor, users: int, seeds: int, algorithm: str, plan: StepPlan):
         dim, k = self.model.dim, self.model.noised_positions
         if algorithm == "alg3" or not self.model.diffusion:
             expected = (users, seeds, k, dim)
@@ -751,7 +735,7 @@ class _EngineBase:
         return noise.to(self.device, dtype).reshape(flat_shape)
 
 
-class InferenceEngine(_EngineBase):
+class InferenceEngine(EngineBase):
     """The fast engine (see the module docstring). Options:
 
     share_history: compute the history once per user for all seeds (default: when attention is
@@ -872,22 +856,3 @@ class InferenceEngine(_EngineBase):
             values.append(top_values.gather(1, by_value))
             items.append(top_items.gather(1, by_value))
         return torch.cat(values), torch.cat(items)
-
-
-class EagerEngine(_EngineBase):
-    """The plain PyTorch baseline (see the module docstring): no shared history, no padding
-    trimmed, no sorting, no graphs, no fused ops; logits [B * S, V] materialised."""
-
-    name = "eager"
-
-    def _make_pass(self, ids, seeds):
-        return _EagerPass(self, ids, seeds)
-
-    def _score(self, hidden, k, offsets, excluded):
-        users, seeds, dim = hidden.shape
-        logits = torch.nn.functional.linear(hidden.reshape(users * seeds, dim), *self.model.item_layer())
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).reshape(users, seeds, -1).mean(dim=1)
-        rows = torch.repeat_interleave(torch.arange(users, device=hidden.device), offsets[1:] - offsets[:-1])
-        probs[rows, excluded] = float("-inf")
-        return torch.topk(probs, k, dim=-1)
-

@@ -1,5 +1,8 @@
-"""Inference: Alg. 3 (default) and Alg. 2 behind one API, top-k recommendation and full-ranking
-evaluation without a [users, V] score matrix.
+"""Inference building blocks below the engine (engine.py, the one implementation of Alg. 2 / Alg. 3
+scoring, top-k and target ranks): the input of every pass, the reverse process's posterior, the
+validators every layer calls (k, the items left after exclusion, seeds, histories, target-rank
+arguments), the exclusion lists, and `predict_h0`, the plain reference of both algorithms that the
+tests compare the engine with.
 
 Input of every inference pass: the user's history (dense ids), its last T - 1 items, then the
 [unk] slot (section 4.5.2). Both algorithms produce S predictions of h0 per user, [B, S, d]; the S
@@ -7,13 +10,13 @@ softmax distributions softmax(W h0 + b) are averaged and ranked by the fused ops
 `ops.seed_topk` (top-k) and `ops.seed_target_rank` (rank of a target).
 
 - Alg. 3: for each of S seeds, draw eps, noise the slot at step N and predict h0 = f(h_N, N) in
-  one pass. The S seeds are batched as B * S sequences in one forward.
+  one pass.
 - Alg. 2: h_N = sqrt(abar_N) E[unk] + sqrt(1 - abar_N) eps, then for n = N..2
   h_{n-1} = coef_h0[n] f(h_n, n) + coef_hn[n] h_n + sqrt(var[n]) z (posterior of Eq. 3, tables of
   NoiseSchedule), and h0 = f(h_1, 1). (With the model's input_scale b != 1 the chain runs on
-  b h0: b E[unk] and b f(h_n, n) take the place of E[unk] and f(h_n, n).) With `stride` > 1 it visits the steps N, N - s, ..., and
-  uses the posterior q(h_s | h_t, h_0) between consecutive visited steps (t > s), computed from
-  abar_t and abar_s (it equals the tables when s = t - 1).
+  b h0: b E[unk] and b f(h_n, n) take the place of E[unk] and f(h_n, n).) With `stride` > 1 it
+  visits the steps N, N - s, ..., and uses the posterior q(h_s | h_t, h_0) between consecutive
+  visited steps (t > s), computed from abar_t and abar_s (it equals the tables when s = t - 1).
 - SASRec: deterministic, one prediction per user (S = 1).
 
 Padding id 0 is never recommended nor counted in a rank; `exclude_seen` also removes each user's
@@ -22,16 +25,14 @@ history from the candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import ops
-from .checkpoint import load_model
 from .config import METHODS
-from .errors import ItemsLeftError, UnknownItemsError
+from .errors import ItemsLeftError
 from .model import DSR
 
 def _check_method(method: str):
@@ -57,14 +58,6 @@ def posterior(model: DSR, t: int, s: int) -> tuple[float, float, float]:
     denom = 1.0 - abar_t
     return (abar_s**0.5 * beta / denom, (1.0 - beta) ** 0.5 * (1.0 - abar_s) / denom,
             beta * (1.0 - abar_s) / denom)
-
-
-@torch.no_grad()
-def _float_item_layer(model: DSR) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The item layer (W, b) in float32: under bf16 autocast the tied W comes out of a matmul in
-    bf16, and the seed ops take one float dtype for hidden, W and b."""
-    weight, bias = model.item_layer()
-    return weight.float(), None if bias is None else bias.float()
 
 
 def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "alg3",
@@ -206,18 +199,15 @@ def inference_input(model: DSR, histories: Sequence[Sequence[int]] | torch.Tenso
     return model.build_input(history)
 
 
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-
-
-def check_finite_predictions(hidden: torch.Tensor, start: int) -> None:
+def check_finite_predictions(hidden: torch.Tensor, rows) -> None:
     """The seed ops refuse NaN/Inf inputs without saying whose (see docs/reliability.md); checked
-    before them, this names the histories (`start`: the first one's row) of [B, S, d] predictions."""
+    before them, this names the histories of [B, S, d] predictions: `rows` is the first one's row
+    number, or the B row numbers."""
     finite_rows = torch.isfinite(hidden).flatten(1).all(1).cpu()
     if not bool(finite_rows.all()):
-        rows = (torch.nonzero(~finite_rows)[:, 0] + start).tolist()
-        raise FloatingPointError(f"the model predicts NaN/Inf for histories {rows[:10]}: check its weights")
+        bad = torch.nonzero(~finite_rows)[:, 0]
+        names = (bad + rows).tolist() if isinstance(rows, int) else np.asarray(rows)[bad.numpy()].tolist()
+        raise FloatingPointError(f"the model predicts NaN/Inf for histories {names[:10]}: check its weights")
 
 
 def check_item_layer_finite(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -241,40 +231,6 @@ def _history_lists(histories, num_items: int) -> list[list[int]]:
     rows = [history_items(row, f"histories[{index}]") for index, row in enumerate(histories)]
     return [[item for position, value in enumerate(row) if (item := _dense_id(value, index, position, num_items)) > 0]
             for index, row in enumerate(rows)]
-
-
-@torch.no_grad()
-def recommend(model: DSR, histories, k: int = 10, exclude_seen: bool = True, seeds: int = 10,
-              method: str = "alg3", seed: int = 0, stride: int = 1, batch_size: int = 256):
-    """Top-k dense item ids and their seed-averaged probabilities for each history:
-    (ids [B, k] int64, scores [B, k] float32), on the CPU."""
-    check_k(k, model.num_items)
-    check_flag("exclude_seen", exclude_seen)
-    check_seed(seed)
-    _check_batch_size(batch_size)
-    if isinstance(histories, torch.Tensor):
-        _check_history_tensor(histories, model.num_items)
-    lists = _history_lists(histories, model.num_items)
-    if exclude_seen:
-        check_room(k, model.num_items, lists)
-    model.eval()
-    device = model.pos_emb.device
-    weight, bias = _float_item_layer(model)
-    check_item_layer_finite(weight, bias)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    all_ids, all_scores = [], []
-    for start in range(0, len(lists), batch_size):
-        chunk = lists[start:start + batch_size]
-        ids = inference_input(model, chunk, device)
-        hidden = predict_h0(model, ids, seeds, method, generator, stride).float()  # bf16 under autocast
-        check_finite_predictions(hidden, start)
-        offsets, excluded = exclusion(chunk, len(chunk), exclude_seen, device)
-        scores, items = ops.seed_topk(hidden, weight, bias, k, offsets, excluded)
-        all_ids.append(items.cpu())
-        all_scores.append(scores.float().cpu())
-    if not all_ids:
-        return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
-    return torch.cat(all_ids), torch.cat(all_scores)
 
 
 def check_rank_inputs(num_items: int, histories, targets, *, exclude_seen, seed, seen_offsets, seen_items,
@@ -361,66 +317,3 @@ def shard_users(count: int, batch_size: int, shard: tuple[int, int]) -> np.ndarr
     starts = shard_starts(count, batch_size, shard)
     return np.concatenate([np.arange(start, min(start + batch_size, count)) for start in starts] or
                           [np.zeros(0, dtype=np.int64)])
-
-
-@dataclass
-class Recommendation:
-    item: object  # original item id
-    score: float
-    title: str | None = None
-
-
-class Recommender:
-    """A trained model plus its item id map: recommendations in original item ids."""
-
-    def __init__(self, model: DSR, item_ids: Sequence, config=None, meta: dict | None = None):
-        if len(item_ids) != model.num_items:
-            raise ValueError(f"{len(item_ids)} item ids for a model of {model.num_items} items")
-        self.model = model.eval()
-        self.item_ids = list(item_ids)  # dense id i -> item_ids[i - 1]
-        self.dense_of = {item: index + 1 for index, item in enumerate(self.item_ids)}
-        # original ids may have been read as ints or strings: accept either spelling
-        self.dense_of.update({str(item): index + 1 for index, item in enumerate(self.item_ids)})
-        self.config = config
-        self.meta = meta or {}
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", which: str = "best") -> "Recommender":
-        model, config, items, meta = load_model(path, device=device, which=which)
-        return cls(model, items, config, meta)
-
-    def to_dense(self, original_items: Sequence) -> tuple[list[int], list]:
-        """(dense ids, unknown original ids) of a history given in original item ids."""
-        dense, unknown = [], []
-        for item in original_items:
-            key = item if item in self.dense_of else str(item)
-            if key in self.dense_of:
-                dense.append(self.dense_of[key])
-            else:
-                unknown.append(item)
-        return dense, unknown
-
-    def recommend_dense(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True,
-                        titles: dict | None = None, **options) -> list[list[Recommendation]]:
-        seeds = options.pop("seeds", getattr(self.config, "seeds", 10))
-        ids, scores = recommend(self.model, histories, k=k, exclude_seen=exclude_seen, seeds=seeds, **options)
-        out = []
-        for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
-            row = []
-            for dense, score in zip(row_ids, row_scores):
-                original = self.item_ids[dense - 1]
-                title = None
-                if titles is not None:
-                    title = titles.get(original, titles.get(str(original)))
-                row.append(Recommendation(original, float(score), title))
-            out.append(row)
-        return out
-
-    def recommend(self, history: Sequence, k: int = 10, exclude_seen: bool = True, titles: dict | None = None,
-                  **options) -> list[Recommendation]:
-        """Top-k for one history of original item ids (see history_items for what a history may be);
-        UnknownItemsError names the ids the model does not know."""
-        dense, unknown = self.to_dense(history_items(history))
-        if unknown:
-            raise UnknownItemsError(0, unknown, "history")
-        return self.recommend_dense([dense], k=k, exclude_seen=exclude_seen, titles=titles, **options)[0]

@@ -8,7 +8,7 @@ import pytest
 from diffrec_ext import cli
 from diffrec_ext.synthetic import write_synthetic
 
-COMMANDS = ["demo", "prepare", "download", "train", "evaluate", "recommend", "serve", "bench", "bench inference"]
+COMMANDS = ["demo", "prepare", "download", "train", "evaluate", "recommend", "serve"]
 TINY_FLAGS = ["--dim", "16", "--layers", "1", "--heads", "2", "--max-len", "8", "--num-steps", "20", "--seeds", "2",
               "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--quiet"]
 

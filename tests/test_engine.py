@@ -2,18 +2,24 @@
 loop, and each other; CUDA graph checks run only where CUDA is."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
+from oracle import reference_recommend
 
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import inference, ops
-from diffrec_ext.bench_inference import add_cli as add_bench_cli
-from diffrec_ext.bench_inference import run_benchmark, run_quality
-from diffrec_ext.engine import EagerEngine, InferenceEngine, UnknownItemsError
+from diffrec_ext.engine import InferenceEngine, UnknownItemsError
 from diffrec_ext.model import DSR
+from diffrec_ext.recommender import Recommender
 from diffrec_ext.train import TrainConfig, build_model
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the eager baseline and the inference benchmark
+from bench_inference import build_parser as bench_parser, run_benchmark, run_quality  # noqa: E402
+from eager_engine import EagerEngine  # noqa: E402
 
 TINY = dict(num_items=40, max_len=9, dim=16, layers=2, heads=2, dropout=0.0, num_steps=20)
 HISTORIES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [], [7], [3, 3, 9, 1, 2]]  # one longer than T - 1
@@ -75,12 +81,12 @@ def test_short_histories_are_trimmed_exactly():
 @pytest.mark.parametrize("exclude_seen", [True, False])
 def test_recommend_equals_the_model_scoring(scoring, algorithm, stride, exclude_seen):
     """Same noise stream (one generator per call, drawn batch after batch) and same batches: the
-    engine returns the items and scores of inference.recommend."""
+    engine returns the items and scores of the plain reference (float64 softmax over the catalog)."""
     model = tiny_model()
     engine = InferenceEngine(model, batch_size=2, sort_by_length=False, scoring=scoring,
                              scoring_memory_bytes=3 * 41 * 4)  # user chunks of one user
-    expected_ids, expected_scores = inference.recommend(model, HISTORIES, k=7, exclude_seen=exclude_seen, seeds=3,
-                                                        method=algorithm, stride=stride, seed=5, batch_size=2)
+    expected_ids, expected_scores = reference_recommend(model, HISTORIES, k=7, exclude_seen=exclude_seen, seeds=3,
+                                                        algorithm=algorithm, stride=stride, seed=5, batch_size=2)
     ids, scores = engine.recommend_dense(HISTORIES, k=7, exclude_seen=exclude_seen, seeds=3, algorithm=algorithm,
                                          stride=stride, seed=5)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-7)
@@ -197,13 +203,14 @@ def test_results_come_back_in_input_order_across_sorted_batches():
 def test_checkpoint_engine_speaks_original_ids(checkpoint_dir):
     engine = InferenceEngine.from_checkpoint(checkpoint_dir, device="cpu")
     assert engine.default_seeds == 4 and engine.describe()["num_items"] == 40
-    rec = inference.Recommender.from_checkpoint(checkpoint_dir)
+    rec = Recommender.from_checkpoint(checkpoint_dir)
     history = ["item-103", "item-110", "item-111"]
     top = engine.recommend([history, []], k=5)
     assert len(top.items) == 2 and all(len(row) == 5 for row in top.items)
     assert not set(top.items[0]) & set(history)
-    dense = [rec.dense_of[item] for item in history]
-    ids, scores = inference.recommend(rec.model, [dense, []], k=5, seeds=4, batch_size=256)
+    dense, unknown = rec.to_dense(history)
+    assert not unknown
+    ids, scores = reference_recommend(rec.model, [dense, []], k=5, seeds=4)
     assert top.items == [[rec.item_ids[i - 1] for i in row] for row in ids.tolist()]
     torch.testing.assert_close(top.scores, scores, rtol=1e-5, atol=1e-7)
     with pytest.raises(UnknownItemsError, match="history 1: 1 unknown item id.*'nope'"):
@@ -217,9 +224,9 @@ def test_checkpoint_engine_speaks_original_ids(checkpoint_dir):
     (dict(seeds=0), "seeds must be a positive int"),
     (dict(algorithm="ddim"), "algorithm must be one of"),
     (dict(algorithm="alg2", stride=0), "stride must be an int"),
-    (dict(histories=[[1, 41]]), "item id 41 is out of range"),
+    (dict(histories=[[1, 41]]), r"histories\[0\]\[1\] = 41 is out of range: dense item ids lie in \[1, 40\]"),
     (dict(histories=[[1.5, 2]]), r"histories\[0\]\[0\] = 1.5 is not an item id"),
-    (dict(histories=[["a", 2]]), "integer item ids"),
+    (dict(histories=[["a", 2]]), r"histories\[0\]\[0\] = 'a' is not an integer item id"),
     (dict(histories=["12"]), r"histories\[0\] must be a list, .* got str '12'"),
 ])
 def test_bad_requests_are_clear_errors(call, message):
@@ -283,16 +290,13 @@ def test_stride_quality_of_a_checkpoint(tmp_path):
         run_quality(directory, data="synthetic", steps=(1,), quiet=True)
 
 
-def test_cli_parsers_have_help():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="diffrec")
-    add_bench_cli(parser.add_subparsers(dest="command"))
+def test_benchmark_parser_has_help():
+    parser = bench_parser()
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["bench", "inference", "--help"])
+        parser.parse_args(["--help"])
     assert exit_info.value.code == 0
-    args = parser.parse_args(["bench", "inference", "--device", "cpu", "--steps", "1 10", "--batch-sizes", "4"])
-    assert args.steps == (1, 10) and args.batch_sizes == (4,) and callable(args.func)
+    args = parser.parse_args(["--device", "cpu", "--steps", "1 10", "--batch-sizes", "4"])
+    assert args.steps == (1, 10) and args.batch_sizes == (4,)
 
 
 # ------------------------------------------------------------------------------------------ CUDA

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from conftest import tiny_dataset
 from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import cli
-from diffrec_ext.inference import Recommender
+from diffrec_ext.recommender import Recommender
 from diffrec_ext.synthetic import write_synthetic
 from diffrec_ext.train import TrainConfig, build_model, evaluate, train
 
@@ -374,7 +374,6 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from diffrec_ext.data import preprocess
     from diffrec_ext.engine import InferenceEngine
-    from diffrec_ext.inference import recommend
     from diffrec_ext.train import TrainConfig, build_model, train
 
     def rss_kb():
@@ -399,14 +398,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
                          dropout=0.1, device="cpu")
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).eval()
+    engine = InferenceEngine(model)
     inference = []
     for batch in range(300):
-        histories = rng.integers(0, dataset.num_items + 1, (32, 11)).tolist()
+        histories = torch.from_numpy(rng.integers(0, dataset.num_items + 1, (32, 11)))  # 0 = padding
         if batch % 2:
-            recommend(model, histories, k=10, seeds=4, seed=batch)
+            engine.recommend_dense(histories, k=10, seeds=4, seed=batch)
         else:
-            InferenceEngine(model).target_ranks(torch.tensor(histories), rng.integers(1, dataset.num_items + 1, 32),
-                                                seeds=4)
+            engine.target_ranks(histories, rng.integers(1, dataset.num_items + 1, 32), seeds=4)
         if batch % 10 == 9:
             sample(inference)
     training = []

@@ -13,9 +13,10 @@ from diffrec_ext import checkpoint as ckpt
 from diffrec_ext import ops
 from diffrec_ext.data import popularity_ranking_metrics
 from diffrec_ext.engine import InferenceEngine
-from diffrec_ext.inference import Recommender, posterior, predict_h0, recommend, reverse_steps
+from diffrec_ext.inference import posterior, predict_h0, reverse_steps
 from diffrec_ext.metrics import hit_ratio, item_counts, ndcg, popularity_ranks, ranking_metrics
 from diffrec_ext.model import DSR, attention_mask
+from diffrec_ext.recommender import Recommender
 from diffrec_ext.sampler import LossSecondMomentSampler
 from diffrec_ext.train import TrainConfig, build_model, popularity_metrics
 
@@ -256,15 +257,16 @@ def test_exclude_seen_never_returns_seen_items_or_padding():
         model.out.bias[0] = 50.0
         model.out.bias[1:8] = 40.0
     histories = [[1, 2, 3, 4, 5], [6, 7, 1], []]
-    ids, scores = recommend(model, histories, k=20, exclude_seen=True, seeds=3)
+    engine = InferenceEngine(model)
+    ids, scores = engine.recommend_dense(histories, k=20, exclude_seen=True, seeds=3)
     assert ids.shape == (3, 20) and scores.shape == (3, 20)
     for row, history in zip(ids.tolist(), histories):
         assert 0 not in row and not set(row) & set(history) and len(set(row)) == 20
     assert (scores[:, :-1] >= scores[:, 1:]).all()
-    ids, _ = recommend(model, histories, k=5, exclude_seen=False, seeds=3)
+    ids, _ = engine.recommend_dense(histories, k=5, exclude_seen=False, seeds=3)
     assert 0 not in ids.flatten().tolist() and set(ids[0].tolist()) <= set(range(1, 8))
     with pytest.raises(ValueError):
-        recommend(model, histories, k=28, exclude_seen=True)
+        engine.recommend_dense(histories, k=28, exclude_seen=True)
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])

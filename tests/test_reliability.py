@@ -41,8 +41,8 @@ from diffrec_ext import reference as ref
 from diffrec_ext.checkpoint import CheckpointError
 from diffrec_ext.data import DataFormatError, load_dataset, preprocess, read_interactions
 from diffrec_ext.engine import InferenceEngine, UnknownItemsError
-from diffrec_ext.engine import InferenceEngine
-from diffrec_ext.inference import Recommender, predict_h0, recommend
+from diffrec_ext.inference import predict_h0
+from diffrec_ext.recommender import Recommender
 from diffrec_ext.schedules import NoiseSchedule
 from diffrec_ext.synthetic import write_synthetic
 from diffrec_ext.train import ConfigError, TrainConfig, train
@@ -54,6 +54,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def target_ranks(model, histories, targets, **options):
     """The engine's target ranks of a model (the evaluation path)."""
     return InferenceEngine(model).target_ranks(histories, targets, **options)
+
+
+def recommend(model, histories, batch_size=256, **options):
+    """The engine's top-k of dense histories for a model."""
+    return InferenceEngine(model, batch_size=batch_size).recommend_dense(histories, **options)
 
 
 DOCS = REPO_ROOT / "docs" / "reliability.md"
@@ -583,14 +588,14 @@ for id_, fn, bad, error, match in [  # where: "inference recommend" unless the i
      r"history 0: k = 1 exceeds the 0 items left after excluding its own items"),
     ("seeds-zero", lambda ctx: recommend(ctx.model(), [[1]], seeds=0), "seeds = 0", ValueError,
      "seeds must be a positive int, got 0"),
-    ("method", lambda ctx: recommend(ctx.model(), [[1]], method="ddim"), "method 'ddim'", ValueError,
-     r"inference method must be one of \('alg3', 'alg2'\), got 'ddim'"),
-    ("stride-zero", lambda ctx: recommend(ctx.model(), [[1]], method="alg2", stride=0), "Alg. 2 stride 0", ValueError,
+    ("method", lambda ctx: recommend(ctx.model(), [[1]], algorithm="ddim"), "algorithm 'ddim'", ValueError,
+     r"algorithm must be one of \('alg3', 'alg2'\), got 'ddim'"),
+    ("stride-zero", lambda ctx: recommend(ctx.model(), [[1]], algorithm="alg2", stride=0), "Alg. 2 stride 0", ValueError,
      r"stride must be an int in \[1, N = 20\], got 0"),
     ("batch-size-zero", lambda ctx: recommend(ctx.model(), [[1]], batch_size=0), "batch_size = 0", ValueError,
      "batch_size must be a positive int, got 0"),
     ("id-above-V", lambda ctx: recommend(ctx.model(), [[1, 2], [3, 10_000]]), "dense id 10000 in a history",
-     ValueError, r"histories\[1\]\[1\] = 10000 is out of range: dense item ids lie in \[1, \d+\] \(0 = padding\)"),
+     ValueError, r"histories\[1\]\[1\] = 10000 is out of range: dense item ids lie in \[1, \d+\]"),
     ("id-negative", lambda ctx: recommend(ctx.model(), [[1, -2]]), "dense id -2 in a history", ValueError,
      r"histories\[0\]\[1\] = -2 is out of range"),
     ("id-text", lambda ctx: recommend(ctx.model(), [[1, "a"]]), "a string in a dense history", ValueError,
@@ -598,7 +603,7 @@ for id_, fn, bad, error, match in [  # where: "inference recommend" unless the i
     ("id-fraction", lambda ctx: recommend(ctx.model(), [[1, 2.5]]), "2.5 in a dense history", ValueError,
      r"histories\[0\]\[1\] = 2.5 is not an item id"),
     ("history-3d", lambda ctx: recommend(ctx.model(), torch.ones(2, 2, 2, dtype=torch.int64)),
-     "a [2, 2, 2] history tensor", ValueError, r"histories must be a \[B, H\] tensor of item ids, got shape \(2, 2, 2\)"),
+     "a [2, 2, 2] history tensor", ValueError, r"a history table must be 2-D \[users, length\], got shape \(2, 2, 2\)"),
     ("history-float", lambda ctx: target_ranks(ctx.model(), torch.ones(2, 3), T(1, 2)), "a float history tensor",
      ValueError, "histories must hold integer item ids, got dtype torch.float32"),
     ("history-tensor-range", lambda ctx: target_ranks(ctx.model(), T([1, 2, 999], [1, 2, 3]), T(1, 2)),

@@ -1,4 +1,4 @@
-"""`diffrec bench inference`: latency and throughput of the inference engines, fused against eager
+"""`python benchmarks/bench_inference.py`: latency and throughput of the inference engines, fused against eager
 PyTorch in the same run.
 
 Sweeps the number of reverse steps of Alg. 2 (1, 10, 100, 1000: the strided schedule with stride
@@ -10,7 +10,7 @@ the table.
 The model is randomly initialised at the requested shape (timing does not depend on the weights)
 and every user has a full-length history (T - 1 items): no padding to trim, the worst case.
 
-Engines: "eager" (engine.EagerEngine), "fused" (engine.InferenceEngine, defaults), and two
+Engines: "eager" (eager_engine.EagerEngine, beside this file), "fused" (engine.InferenceEngine, defaults), and two
 variants that isolate where the speed comes from: "fused_kernel" (scoring always by the
 ops.seed_topk kernel) and "fused_full" (no shared history: B * S full sequences).
 
@@ -35,15 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
-from .config import resolve_device
-from .data import evaluation_batch, load_dataset
-from .engine import EagerEngine, InferenceEngine
-from .errors import CheckpointError
-from .inference import reverse_steps
-from .metrics import ranking_metrics
-from .model import DSR
-from .synthetic import synthetic_dataset
+from common import cpu_model
+from eager_engine import EagerEngine
+
+from diffrec_ext.checkpoint import load_model
+from diffrec_ext.config import resolve_device
+from diffrec_ext.data import evaluation_batch, load_dataset
+from diffrec_ext.engine import InferenceEngine
+from diffrec_ext.errors import CheckpointError
+from diffrec_ext.inference import reverse_steps
+from diffrec_ext.metrics import ranking_metrics
+from diffrec_ext.model import DSR
+from diffrec_ext.synthetic import synthetic_dataset
 
 ENGINE_VARIANTS = ("eager", "fused", "fused_kernel", "fused_full")
 COLUMNS = ("device", "device_name", "dtype", "engine", "algorithm", "steps", "stride", "seeds", "batch_size",
@@ -60,15 +63,6 @@ def default_sweep(device: str) -> dict:
                     max_seconds=30.0)
     return dict(steps=(1, 10, 100, 1000), catalog_sizes=(10_000, 100_000), batch_sizes=(16, 64),
                 alg2_batch_sizes=(2, 16), alg2_catalog_sizes=(100_000,), engines=ENGINE_VARIANTS, max_seconds=20.0)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what the platform says)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU"
 
 
 def device_name(device: str) -> str:
@@ -449,10 +443,9 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_inference_parser(bench_subparsers) -> argparse.ArgumentParser:
-    """Register `inference` on the subparsers of `diffrec bench`."""
-    parser = bench_subparsers.add_parser(
-        "inference", help="latency and throughput of the inference engines (fused vs eager)",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench_inference.py",
         description=__doc__.split("\n\n", 1)[1].split("\n\nTiming:", 1)[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", nargs="+", default=["auto"], help="cpu, cuda, cuda:N (several allowed); "
@@ -489,17 +482,7 @@ def add_inference_parser(bench_subparsers) -> argparse.ArgumentParser:
                          help="dataset file or 'synthetic' (default: the checkpoint's dataset)")
     quality.add_argument("--quality-users", type=int, default=1000, help="first users of the split (0: all)")
     quality.add_argument("--quality-split", choices=["valid", "test"], default="test")
-    parser.set_defaults(func=cmd_bench_inference)
     return parser
-
-
-def add_cli(subparsers):
-    """Register `bench` (with its `inference` subcommand) on a `diffrec` subparsers object; returns
-    the `bench` subparsers, for other benchmarks to join."""
-    bench = subparsers.add_parser("bench", help="benchmarks", description="Benchmarks of diffrec-ext.")
-    bench_subparsers = bench.add_subparsers(dest="bench_command", metavar="benchmark", required=True)
-    add_inference_parser(bench_subparsers)
-    return bench_subparsers
 
 
 def cmd_bench_inference(args) -> int:
@@ -513,7 +496,7 @@ def cmd_bench_inference(args) -> int:
                         steps=args.steps or (1, 10, 100, 1000), split=args.quality_split,
                         alg2_seeds=args.alg2_seeds, max_users=args.quality_users or None, quiet=args.quiet)
         except (CheckpointError, ValueError) as error:
-            print(f"diffrec bench inference: error: {error}", file=sys.stderr)
+            print(f"bench_inference.py: error: {error}", file=sys.stderr)
             return 2
         return 0
     sweep = default_sweep(devices[0])
@@ -533,17 +516,13 @@ def cmd_bench_inference(args) -> int:
                       num_steps=args.num_steps, k=args.k, min_seconds=args.min_seconds, max_repeats=args.max_repeats,
                       quiet=args.quiet, **sweep)
     except ValueError as error:
-        print(f"diffrec bench inference: error: {error}", file=sys.stderr)
+        print(f"bench_inference.py: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffrec_ext.bench_inference")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_inference_parser(subparsers)
-    args = parser.parse_args(["inference", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return cmd_bench_inference(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
