@@ -295,8 +295,9 @@ class _Transfers:
 
 # ------------------------------------------------------------------------------------- engines
 class EngineBase:
-    """Model preparation, id mapping, validation, batching and the host/device pipeline shared by
-    both engines; subclasses choose the denoiser pass and the scoring."""
+    """Model preparation, id mapping, validation, batching and the host/device pipeline of an engine;
+    subclasses choose the denoiser pass and the scoring (InferenceEngine here; the eager baseline in
+    benchmarks/eager_engine.py)."""
 
     name = "base"
     shares_history = False
