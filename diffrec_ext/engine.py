@@ -683,7 +683,7 @@ class EngineBase:
                 plan = self._plan(algorithm, ids.shape[0], seeds, stride)
                 noise = self._draw_noise(stop - start, seeds, algorithm, plan, generator)
                 hidden = self._denoise_with_noise(ids, stop - start, seeds, algorithm, stride, noise).float()
-                check_finite_predictions(hidden, start)
+                check_finite_predictions(hidden, np.arange(start, stop))
                 rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(self.device), offsets,
                                             excluded)
                 ranks.append(rank.cpu())

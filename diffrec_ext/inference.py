@@ -201,12 +201,11 @@ def inference_input(model: DSR, histories: Sequence[Sequence[int]] | torch.Tenso
 
 def check_finite_predictions(hidden: torch.Tensor, rows) -> None:
     """The seed ops refuse NaN/Inf inputs without saying whose (see docs/reliability.md); checked
-    before them, this names the histories of [B, S, d] predictions: `rows` is the first one's row
-    number, or the B row numbers."""
+    before them, this names the histories of [B, S, d] predictions by their `rows` numbers [B]."""
     finite_rows = torch.isfinite(hidden).flatten(1).all(1).cpu()
     if not bool(finite_rows.all()):
         bad = torch.nonzero(~finite_rows)[:, 0]
-        names = (bad + rows).tolist() if isinstance(rows, int) else np.asarray(rows)[bad.numpy()].tolist()
+        names = np.asarray(rows)[bad.numpy()].tolist()
         raise FloatingPointError(f"the model predicts NaN/Inf for histories {names[:10]}: check its weights")
 
 
@@ -237,9 +236,9 @@ def check_rank_inputs(num_items: int, histories, targets, *, exclude_seen, seed,
                       shard: tuple[int, int]):
     """The arguments of a target-rank call (InferenceEngine.target_ranks), checked: (the histories
     as int64 arrays without padding, targets [U] int64, seen_offsets [U + 1] or None, seen_items
-    or None). `histories`: a
-    left-padded [U, H] tensor or array, or lists of dense ids; `targets` [U] dense ids; the CSR
-    `seen_offsets` / `seen_items` (both or neither) lists each user's seen items."""
+    or None). `histories`: a left-padded [U, H] tensor or array, or lists of dense ids; `targets`
+    [U] dense ids; the CSR `seen_offsets` / `seen_items` (both or neither) lists each user's seen
+    items."""
     targets = torch.as_tensor(targets, dtype=torch.int64)
     count = targets.shape[0] if targets.dim() else 0
     if len(histories) != count:

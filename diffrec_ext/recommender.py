@@ -29,8 +29,6 @@ class Recommender:
     the model where it is, at its own dtype."""
 
     def __init__(self, model: DSR, item_ids: Sequence, config=None, meta: dict | None = None, **engine_options):
-        if len(item_ids) != model.num_items:
-            raise ValueError(f"{len(item_ids)} item ids for a model of {model.num_items} items")
         engine_options.setdefault("dtype", model.pos_emb.dtype)
         self.engine = InferenceEngine(model, item_ids, config=config, meta=meta, **engine_options)
 
