@@ -274,6 +274,9 @@ def run_model(data: Data, config: TrainConfig, budget_s: float | None, quiet: bo
         "budget_seconds": None if budget_s is None else round(budget_s, 1),
         "curve": budget.curve, "config": config.to_dict(),
     }
+    if config.lr_schedule != "constant" and record["epochs_run"] < config.epochs:
+        log(f"   {label}: the budget stopped the run at epoch {record['epochs_run']} of the {config.epochs} its "
+            f"{config.lr_schedule} lr schedule was planned for, before the lr was annealed")
     log(f"   {label}: best epoch {record['best_epoch']}/{record['epochs_run']}  valid NDCG@10 "
         f"{result['valid']['NDCG@10']:.4f}  test HR@10 {result['test']['HR@10']:.4f} NDCG@10 "
         f"{result['test']['NDCG@10']:.4f}  ({seconds:.0f}s)")
@@ -554,8 +557,8 @@ def run_main(args, datas: list[Data]) -> list[dict]:
 
 def write_report(args, env, data: Data, rep: dict, num_runs: int, num_datasets: int, complete: bool) -> dict:
     sample = rep["runs"]["DiffRec"][0]["config"]
-    common_keys = ("dim", "layers", "heads", "max_len", "batch_size", "lr", "dropout", "attn_dropout", "epochs",
-                   "mode", "window_stride", "samples_per_epoch", "tie_output", "norm_embeddings", "seeds",
+    common_keys = ("dim", "layers", "heads", "max_len", "batch_size", "lr", "lr_schedule", "dropout", "attn_dropout",
+                   "epochs", "mode", "window_stride", "samples_per_epoch", "tie_output", "norm_embeddings", "seeds",
                    "inference", "bf16")
     env = {**env, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     report = {

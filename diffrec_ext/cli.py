@@ -30,7 +30,7 @@ from . import scoring, serve
 from ._version import __version__
 from . import download as dl
 from .checkpoint import CONFIG_FILE, ITEMS_FILE, MODEL_FILE, atomic_write_bytes, resolve
-from .config import BF16_SETTINGS, IMPORTANCE_LOSSES, METHODS, TrainConfig, bf16_enabled, resolve_device
+from .config import BF16_SETTINGS, IMPORTANCE_LOSSES, LR_SCHEDULES, METHODS, TrainConfig, bf16_enabled, resolve_device
 from .data import TRAIN_MODES, detect_format, load_dataset
 from .distributed import exit_without_teardown, init_process_group_from_env
 from .engine import InferenceEngine
@@ -200,7 +200,9 @@ CONFIG_HELP = {
     "seeds": "S predictions averaged at inference (Alg. 3)",
     "inference": "alg3 (one pass per seed) or alg2 (reverse process) for validation and test",
     "eval_exclude_seen": "remove each user's history from the ranking in evaluation",
-    "eval_batch_size": "users per evaluation batch", "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
+    "eval_batch_size": "users per evaluation batch", "lr": "Adam learning rate",
+    "lr_schedule": "constant, or cosine: annealed per batch to 0 at the end of --epochs",
+    "weight_decay": "Adam weight decay",
     "batch_size": "training batch size", "epochs": "epochs",
     "mode": "window: every training target once per epoch, windows of max_len items supervised in one pass; "
             "prefix: every prefix is an example (the paper); user: one window per user, every position supervised",
@@ -218,7 +220,7 @@ CONFIG_HELP = {
 def _config_choices() -> dict:
     return {"kind": MODEL_KINDS, "mode": TRAIN_MODES, "schedule": SCHEDULES, "inference": METHODS,
             "importance_loss": IMPORTANCE_LOSSES, "step_embedding": ("auto",) + STEP_EMBEDDINGS,
-            "bf16": BF16_SETTINGS}
+            "bf16": BF16_SETTINGS, "lr_schedule": LR_SCHEDULES}
 
 
 def _add_config_args(parser, defaults: dict | None = None):

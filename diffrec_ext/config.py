@@ -22,6 +22,7 @@ from .schedules import MAX_STEPS, SCHEDULES
 METHODS = ("alg3", "alg2")  # inference: "alg3" one denoiser pass per seed, "alg2" the reverse process
 IMPORTANCE_LOSSES = ("mse", "total")
 BF16_SETTINGS = ("auto", "on", "off")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def bf16_enabled(setting: str, device) -> bool:
@@ -80,6 +81,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     # optimisation
     lr: float = 1e-3
+    # "cosine": lr * (1 + cos(pi * t / t_end)) / 2 per batch, t_end = the last batch of `epochs`, so a run
+    # that is planned to its budget ends annealed (a run cut short by a budget or patience does not)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     batch_size: int = 256
     epochs: int = 50
@@ -173,6 +177,7 @@ class TrainConfig:
         need("lr", float)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        need("lr_schedule", str, choices=LR_SCHEDULES)
         need("weight_decay", float, 0.0)
         need("batch_size", int, 1)
         need("epochs", int, 1)
@@ -203,6 +208,14 @@ class TrainConfig:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
+
+    def learning_rate(self, epoch: int, batch: int, batches_per_epoch: int) -> float:
+        """The lr of batch `batch` (0-based) of epoch `epoch` (1-based) under lr_schedule: a function
+        of the position alone, so a resumed run continues the same schedule."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = ((epoch - 1) * batches_per_epoch + batch) / (self.epochs * batches_per_epoch)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     @property
     def two_stream(self) -> bool:

@@ -403,6 +403,7 @@ class Trainer:
         rows = _epoch_rows(len(self.train_rows), config, epoch, replicas)
         local_batch = config.batch_size // replicas.size
         batches = range(0, len(rows), local_batch)
+        num_batches = len(batches)
         bar = None
         if self.progress and replicas.lead:
             from tqdm.auto import tqdm
@@ -420,6 +421,8 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss {parts} at epoch {epoch}, batch {index}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.learning_rate(epoch, index - 1, num_batches)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             self.optimizer.step()
@@ -429,7 +432,7 @@ class Trainer:
                 bar.set_postfix({key: f"{value / index:.4f}" for key, value in totals.items() if key != "targets"})
         if bar is not None:
             bar.close()
-        return totals, max(1, math.ceil(len(rows) / local_batch))
+        return totals, max(1, num_batches)
 
     def validate(self, epoch: int, totals: dict[str, float], num_batches: int, started: float) -> dict[str, Any]:
         """Validation NDCG@10 after `epoch`: keeps the best weights, counts patience, and returns the

@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_dataset
 from diffrec_ext import checkpoint as ckpt
+from diffrec_ext.data import training_sequences
 from diffrec_ext.train import ConfigError, TrainConfig, _Replicas, _train_step, _TrainingLoss, build_model, train
 
 TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, epochs=2,
@@ -46,10 +47,32 @@ def metrics_of(result):
     (dict(attn_dropout=1.0), "attn_dropout"),
     (dict(mode="window", samples_per_epoch=1000), "samples_per_epoch = 1000 draws prefixes: it needs mode 'prefix'"),
     (dict(bf16="yes"), "bf16 must be one of"),
+    (dict(lr_schedule="step"), "lr_schedule must be one of"),
 ])
 def test_malformed_config_values_get_clear_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**bad).validate()
+
+
+def test_cosine_lr_anneals_per_batch_to_zero_at_the_last_epoch():
+    config = TrainConfig(lr=0.01, epochs=4, lr_schedule="cosine")
+    rates = [config.learning_rate(epoch, batch, 10) for epoch in range(1, 5) for batch in range(10)]
+    assert rates[0] == 0.01
+    assert rates[20] == pytest.approx(0.005)  # halfway: epoch 3, batch 0
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert 0 < rates[-1] < 1e-4
+    assert config.replace(lr_schedule="constant").learning_rate(3, 7, 10) == 0.01
+
+
+def test_training_steps_at_the_scheduled_lr(dataset, tmp_path):
+    config = TrainConfig(**{**TINY, "lr_schedule": "cosine"})
+    train(config, dataset, tmp_path / "run", progress=False, log=None)
+    _, state, _ = ckpt.read_run_state(tmp_path / "run")
+    rows = training_sequences(dataset, config.max_len, "window", config.resolved_window_stride)
+    batches = -(-len(rows) // config.batch_size)
+    last_lr = state["optimizer"]["param_groups"][0]["lr"]  # the lr of the last step taken
+    assert last_lr == pytest.approx(config.learning_rate(config.epochs, batches - 1, batches), rel=1e-12)
+    assert 0 < last_lr < config.lr / 2
 
 
 def test_config_dict_round_trip_and_unknown_keys():
@@ -157,7 +180,8 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("kind", ["diffrec", "sasrec"])
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(dataset, tmp_path, kind):
-    config = TrainConfig(**{**TINY, "epochs": 3, "kind": kind})
+    # cosine: the resumed run must continue the schedule where it stopped
+    config = TrainConfig(**{**TINY, "epochs": 3, "kind": kind, "lr_schedule": "cosine"})
     straight = train(config, dataset, tmp_path / "straight", progress=False, log=None)
 
     def stop_after_two(record):
