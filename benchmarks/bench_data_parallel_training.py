@@ -31,7 +31,7 @@ from pathlib import Path
 from common import machine_facts, publish, start_worker
 
 CONFIG = dict(dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="prefix", batch_size=256,
-              num_steps=1000, seeds=10, epochs=2, device="cpu")
+              num_steps=1000, num_samples=10, epochs=2, device="cpu")
 
 
 def worker(args) -> None:

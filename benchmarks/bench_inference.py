@@ -26,7 +26,6 @@ import argparse
 import csv
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -166,7 +165,7 @@ def run_benchmark(steps=(1, 10, 100, 1000), catalog_sizes=(100_000,), batch_size
                             load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan)
                 if batch in batch_sizes:
                     say(f"[{device}] V={catalog:,} B={batch} alg3 S={seeds}: {', '.join(built)}")
-                    measured = _measure(built, histories, dict(k=k, seeds=seeds, algorithm="alg3"), device, True,
+                    measured = _measure(built, histories, dict(k=k, num_samples=seeds, algorithm="alg3"), device, True,
                                         min_seconds, max_repeats)
                     for variant, engine in built.items():
                         rows.append(_row(base, engine, variant, "alg3", 1, 1, seeds, measured[variant], "ok"))
@@ -213,7 +212,7 @@ def _sweep_steps(built, histories, base, steps, num_steps, seeds, k, device, max
         warmed |= set(runnable)
         say(f"[{device}] V={base['catalog_size']:,} B={base['batch_size']} alg2 steps={visited} S={seeds}: "
             f"{', '.join(runnable)}")
-        measured = _measure(runnable, histories, dict(k=k, seeds=seeds, algorithm="alg2", stride=stride), device,
+        measured = _measure(runnable, histories, dict(k=k, num_samples=seeds, algorithm="alg2", stride=stride), device,
                             warmup, min_seconds if visited < 100 else 0.0, max_repeats)
         for variant, engine in runnable.items():
             rows.append(_row(base, engine, variant, "alg2", visited, stride, seeds, measured[variant], "ok"))
@@ -265,7 +264,7 @@ def stride_quality(model: DSR, dataset, steps=(1, 10, 100, 1000), *, split: str 
     for algorithm, visited, stride, seeds in configs:
         started = time.perf_counter()
         ranks = engine.target_ranks(batch.histories[:users], batch.targets[:users], exclude_seen=exclude_seen,
-                                    seeds=seeds, algorithm=algorithm, seed=seed, stride=stride, seen_offsets=offsets,
+                                    num_samples=seeds, algorithm=algorithm, seed=seed, stride=stride, seen_offsets=offsets,
                                     seen_items=seen)
         metrics = ranking_metrics(ranks, (10, 20))
         rows.append(dict(algorithm=algorithm, steps=visited, stride=stride, seeds=seeds, split=split, users=users,
@@ -313,7 +312,7 @@ def run_quality(checkpoint, out_dir=None, *, data: str | None = None, synthetic_
     if dataset.num_items != model.num_items:
         raise ValueError(f"the dataset has {dataset.num_items} items, the checkpoint {model.num_items}: "
                          "not the dataset it was trained on")
-    options.setdefault("alg3_seeds", config.seeds)
+    options.setdefault("alg3_seeds", config.num_samples)
     rows = stride_quality(model, dataset, **options)
     if out_dir is not None:
         out = Path(out_dir)

@@ -47,7 +47,7 @@ def demo_checkpoint(directory: Path, dim: int = 64) -> Path:
     from diffrec_ext.model import build_model
 
     dataset = synthetic_dataset(seed=0)
-    config = TrainConfig(dim=dim, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, seeds=10)
+    config = TrainConfig(dim=dim, layers=2, heads=2, max_len=20, num_steps=1000, dropout=0.1, num_samples=10)
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items)
     return ckpt.save_model(directory, model, config.to_dict(), [int(i) for i in dataset.item_original_ids[1:]],

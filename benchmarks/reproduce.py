@@ -98,7 +98,7 @@ TARGETS = {"ml-1m": {"HR@10": 0.2900, "NDCG@10": 0.1657}, "beauty": {"HR@10": 0.
 # The paper's settings (section 5.1 / GUIDE section 1); dropout comes from the dataset preset.
 PAPER_CONFIG = dict(
     dim=256, layers=2, heads=2, max_len=50, batch_size=256, lr=1e-3, epochs=50, schedule="sqrt", num_steps=1000,
-    noised_positions=1, add_position=True, add_step=True, importance_sampling=True, seeds=10, inference="alg3",
+    noised_positions=1, add_position=True, add_step=True, importance_sampling=True, num_samples=10, inference="alg3",
     eval_exclude_seen=True,
 )
 PRESETS = {  # how each dataset is read, and its dropout (paper: 0.3 Amazon, 0.2 ML-1M)
@@ -217,10 +217,10 @@ def make_config(data: Data, kind: str, seed: int, args, **overrides) -> TrainCon
                   eval_batch_size=args.eval_batch_size, bf16=args.bf16)
     if args.preset == "cpu":
         values.update(CPU_PRESET)
-    for name in ("dim", "layers", "heads", "max_len", "batch_size", "epochs", "lr", "dropout", "seeds_eval"):
+    for name in ("dim", "layers", "heads", "max_len", "batch_size", "epochs", "lr", "dropout", "num_samples_eval"):
         value = getattr(args, name, None)
         if value is not None:
-            values["seeds" if name == "seeds_eval" else name] = value
+            values["num_samples" if name == "num_samples_eval" else name] = value
     values.update(parse_sets(args.set))
     values.update(overrides)
     if kind == "sasrec":  # diffusion options have no effect on the baseline: keep them at their defaults
@@ -261,7 +261,7 @@ def run_model(data: Data, config: TrainConfig, budget_s: float | None, quiet: bo
                    log=None if quiet else (lambda m: log("   " + m)))
     seconds = time.perf_counter() - started
     # the paper does not say whether a user's earlier items are excluded from the ranking: test both ways
-    other = evaluate(result["model"], data.dataset, "test", seeds=config.seeds, method=config.inference,
+    other = evaluate(result["model"], data.dataset, "test", num_samples=config.num_samples, algorithm=config.inference,
                      exclude_seen=not config.eval_exclude_seen, seed=config.seed, batch_size=config.eval_batch_size,
                      bf16=bf16_enabled(config.bf16, result["model"].pos_emb.device))
     by_exclusion = {config.eval_exclude_seen: result["test"], not config.eval_exclude_seen: other}
@@ -495,7 +495,7 @@ def warm_up(args, data: Data) -> None:
     started = time.perf_counter()
     tiny = Data("warm-up", "synthetic", synthetic_dataset(num_users=300, num_items=100), data.preset, 0.0)
     for kind in ("diffrec", "sasrec"):
-        config = make_config(tiny, kind, 0, args, epochs=1, seeds=2)
+        config = make_config(tiny, kind, 0, args, epochs=1, num_samples=2)
         train(config, tiny.dataset, None, progress=False, log=None)
     torch.cuda.synchronize()
     log(f"warm-up on {device}: {time.perf_counter() - started:.1f}s")
@@ -558,7 +558,7 @@ def run_main(args, datas: list[Data]) -> list[dict]:
 def write_report(args, env, data: Data, rep: dict, num_runs: int, num_datasets: int, complete: bool) -> dict:
     sample = rep["runs"]["DiffRec"][0]["config"]
     common_keys = ("dim", "layers", "heads", "max_len", "batch_size", "lr", "lr_schedule", "dropout", "attn_dropout",
-                   "epochs", "mode", "window_stride", "samples_per_epoch", "tie_output", "norm_embeddings", "seeds",
+                   "epochs", "mode", "window_stride", "samples_per_epoch", "tie_output", "norm_embeddings", "num_samples",
                    "inference", "bf16")
     env = {**env, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     report = {
@@ -780,7 +780,7 @@ def seeds_analysis(model, data: Data, args) -> dict:
             values = []
             started = time.perf_counter()
             for repeat in range(args.repeats):
-                values.append(evaluate(model, data.dataset, split, seeds=s, seed=1000 + repeat,
+                values.append(evaluate(model, data.dataset, split, num_samples=s, seed=1000 + repeat,
                                        batch_size=args.eval_batch_size,
                                        bf16=bf16_enabled(args.bf16, model.pos_emb.device)))
             row[split] = {m: float(np.mean([v[m] for v in values])) for m in METRICS}
@@ -1041,7 +1041,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("dim", int), ("layers", int), ("heads", int), ("max-len", int), ("batch-size", int),
                        ("epochs", int), ("lr", float), ("dropout", float)):
         model.add_argument(f"--{name}", type=kind, default=None, help=f"override the paper's {name}")
-    model.add_argument("--eval-seeds", dest="seeds_eval", type=int, default=None, help="S at evaluation (paper 10)")
+    model.add_argument("--eval-num-samples", "--eval-seeds", dest="num_samples_eval", type=int, default=None,
+                       help="S, the noise draws averaged at evaluation (paper 10; --eval-seeds: the old name)")
     model.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="any TrainConfig field")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     model.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",

@@ -56,9 +56,10 @@ BEST_POINTER = "best.json"
 
 # TrainConfig fields that are training or inference settings: editing them in config.json does not
 # change what the weights compute. Every other field, and num_items, is architecture.
-EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling", "importance_loss", "seeds",
-                   "inference", "eval_exclude_seen", "eval_batch_size", "lr", "weight_decay", "batch_size", "epochs",
-                   "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip", "seed", "device", "bf16")
+EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling", "importance_loss", "num_samples",
+                   "inference", "eval_exclude_seen", "eval_batch_size", "lr", "lr_schedule", "weight_decay",
+                   "batch_size", "epochs", "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip", "seed",
+                   "device", "bf16")
 RECORDED_BY = {MODEL_FILE: CONFIG_FILE, STATE_TENSORS_FILE: STATE_FILE}  # tensor file -> JSON with its sha256
 
 
@@ -224,6 +225,7 @@ def save_model(directory, model: torch.nn.Module, config: dict, item_ids, extra:
 def architecture_of(config: dict, num_items) -> dict:
     """The fields of a config (as saved in config.json) that decide what the weights compute; the
     step embedding resolved, since "auto" depends on the (editable) training mode."""
+    config = TrainConfig.with_current_names(config)
     architecture = {name: value for name, value in config.items() if name not in EDITABLE_FIELDS}
     if "step_embedding" in config:
         architecture["step_embedding"] = resolve_step_embedding(config["step_embedding"], config.get("mode", ""))

@@ -44,7 +44,7 @@ from .train import evaluate, popularity_metrics, train
 
 DEMO_DEFAULTS = dict(
     dim=64, layers=2, heads=2, max_len=20, dropout=0.1, attn_dropout=0.0, mode="window",
-    batch_size=256, lr=1e-3, seeds=10, num_steps=1000, schedule="sqrt", epochs=5,
+    batch_size=256, lr=1e-3, num_samples=10, num_steps=1000, schedule="sqrt", epochs=5,
 )
 DEMO_SASREC_EPOCHS = 5
 SYNTHETIC = "synthetic"
@@ -158,14 +158,14 @@ def _load_dataset(spec: dict):
         raise CLIError(str(error)) from None
 
 
-def _add_eval_args(parser, engine_names: bool = False):
-    """engine_names: also accept the engine's names, --num-samples for --seeds and --algorithm for --method."""
+def _add_eval_args(parser):
+    """The engine's options under the engine's names; --seeds and --method, the old names, still work."""
     group = parser.add_argument_group("inference")
-    group.add_argument("--seeds", *(["--num-samples"] if engine_names else []), dest="seeds", type=_positive_int,
-                       default=None, help="S: predictions averaged per user (default: the checkpoint's)")
-    group.add_argument("--method", *(["--algorithm"] if engine_names else []), dest="method", choices=["alg3", "alg2"],
-                       default=None,
-                       help="alg3: one pass from step N per seed (default); alg2: the full reverse process")
+    group.add_argument("--num-samples", "--seeds", dest="num_samples", type=_positive_int, default=None,
+                       help="S: noise draws averaged per user (default: the checkpoint's; --seeds: the old name)")
+    group.add_argument("--algorithm", "--method", dest="algorithm", choices=["alg3", "alg2"], default=None,
+                       help="alg3: one pass from step N per draw (default); alg2: the full reverse process "
+                            "(--method: the old name)")
     group.add_argument("--stride", type=_positive_int, default=1, help="alg2: visit every stride-th step (default 1: all N)")
     group.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                        help="remove each user's history from the ranking (default: the checkpoint's setting)")
@@ -179,6 +179,7 @@ def _add_eval_args(parser, engine_names: bool = False):
 
 
 CONFIG_CHOICES: dict = {}
+CONFIG_ALIASES = {"num_samples": ("--seeds",)}  # old flag names that still work
 CONFIG_HELP = {
     "kind": "diffrec, or sasrec: the same backbone without diffusion (clean [unk] slot, no step embedding, no MSE)",
     "dim": "hidden size d", "layers": "Transformer layers", "heads": "attention heads",
@@ -197,7 +198,7 @@ CONFIG_HELP = {
     "importance_sampling": "importance-sample steps by sqrt(E[L_n^2]) (else uniform)",
     "importance_loss": "the loss p_n follows: mse = L_n (Eq. 18) or total = L_n + L_rec (focuses training on "
                        "the high-noise steps that inference uses)",
-    "seeds": "S predictions averaged at inference (Alg. 3)",
+    "num_samples": "S: noise draws averaged per user at inference (Alg. 3; --seeds: the old name)",
     "inference": "alg3 (one pass per seed) or alg2 (reverse process) for validation and test",
     "eval_exclude_seen": "remove each user's history from the ranking in evaluation",
     "eval_batch_size": "users per evaluation batch", "lr": "Adam learning rate",
@@ -231,18 +232,18 @@ def _add_config_args(parser, defaults: dict | None = None):
     group.add_argument("--config", metavar="JSON", help="a JSON file of config values (flags override it)")
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *CONFIG_ALIASES.get(field.name, ())]
         default = defaults.get(field.name, field.default)
         hint = hints[field.name]
         text = CONFIG_HELP.get(field.name, field.name)
         if hint is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} (default {default})")
             continue
         args = typing.get_args(hint)
         kind = hint if hint in (int, float, str) else next((a for a in args if a in (int, float, str)), str)
         choices = CONFIG_CHOICES.get(field.name)
-        group.add_argument(flag, dest=field.name, type=kind, default=None, choices=choices,
+        group.add_argument(*flags, dest=field.name, type=kind, default=None, choices=choices,
                            metavar=None if choices else field.name.upper(), help=f"{text} (default {default})")
 
 
@@ -298,7 +299,7 @@ def cmd_demo(args) -> int:
                                 "epochs": base["epochs"] if kind == "diffrec" or args.epochs is not None
                                 else DEMO_SASREC_EPOCHS})
         print(f"\n== {kind}: " + ", ".join(f"{k}={getattr(config, k)}" for k in (
-            "dim", "layers", "heads", "max_len", "mode", "epochs", "num_steps", "seeds", "input_scale")))
+            "dim", "layers", "heads", "max_len", "mode", "epochs", "num_steps", "num_samples", "input_scale")))
         t0 = time.perf_counter()
         out_dir = out_root / kind if out_root else None
         results[kind] = train(config, dataset, out_dir, progress=not args.quiet,
@@ -310,7 +311,7 @@ def cmd_demo(args) -> int:
     rows = {"popularity": popularity, "SASRec": results["sasrec"]["test"], "DiffRec": results["diffrec"]["test"]}
     print()
     _print_table(rows, f"test split ({dataset.num_users:,} users, full ranking over {dataset.num_items:,} items, "
-                       f"seen items excluded; DiffRec: Alg. 3 with S = {base['seeds']})")
+                       f"seen items excluded; DiffRec: Alg. 3 with S = {base['num_samples']})")
     ratio = rows["DiffRec"]["NDCG@10"] / max(popularity["NDCG@10"], 1e-12)
     total = time.perf_counter() - started
     print(f"\nDiffRec NDCG@10 = {ratio:.2f} x popularity.  Time: DiffRec {seconds['diffrec']:.0f}s, "
@@ -431,15 +432,16 @@ def cmd_evaluate(args) -> int:
     print(_stats_line(dataset))
     _check_catalog(rec, dataset)
     exclude = config.eval_exclude_seen if args.exclude_seen is None else args.exclude_seen
-    seeds = args.seeds or config.seeds
-    method = args.method or config.inference
+    num_samples = args.num_samples or config.num_samples
+    algorithm = args.algorithm or config.inference
     bf16 = bf16_enabled(config.bf16, device)  # as training evaluated, so the run's numbers are reproduced
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     report = {}
     for split in splits:
         t0 = time.perf_counter()
         try:
-            metrics = evaluate(rec.model, dataset, split, seeds=seeds, method=method, exclude_seen=exclude,
+            metrics = evaluate(rec.model, dataset, split, num_samples=num_samples, algorithm=algorithm,
+                               exclude_seen=exclude,
                                seed=_seed(args, config), stride=args.stride,
                                batch_size=args.batch_size or config.eval_batch_size, bf16=bf16,
                                progress=not args.quiet)
@@ -448,7 +450,7 @@ def cmd_evaluate(args) -> int:
         report[split] = {"popularity": popularity_metrics(dataset, split, exclude), config.kind: metrics,
                          "seconds": time.perf_counter() - t0}
         _print_table({k: v for k, v in report[split].items() if k != "seconds"},
-                     f"{split} split ({method}, S = {seeds if config.kind == 'diffrec' else 1}, "
+                     f"{split} split ({algorithm}, S = {num_samples if config.kind == 'diffrec' else 1}, "
                      f"{'seen items excluded' if exclude else 'seen items ranked'}{', bf16' if bf16 else ''}; "
                      f"{report[split]['seconds']:.1f}s)")
     if args.json:
@@ -524,10 +526,10 @@ def cmd_recommend(args) -> int:
             print("warning: empty history: the ranking is the model's prior", file=sys.stderr)
         subject = f"a history of {len(dense)} items"
     exclude = not args.include_seen
-    seeds = args.seeds or config.seeds
     try:
-        rows = rec.recommend_dense([dense], k=args.k, exclude_seen=exclude, titles=titles, seeds=seeds,
-                                   algorithm=args.method or config.inference, seed=_seed(args, config),
+        rows = rec.recommend_dense([dense], k=args.k, exclude_seen=exclude, titles=titles,
+                                   num_samples=args.num_samples or config.num_samples,
+                                   algorithm=args.algorithm or config.inference, seed=_seed(args, config),
                                    stride=args.stride)[0]
     except ValueError as error:
         raise CLIError(str(error)) from None
@@ -586,7 +588,7 @@ def cmd_score(args) -> int:
             output_format = "csv" if Path(args.out).name.lower().endswith(".csv") else "parquet"
         report = scoring.score(
             engine, source, args.out, k=args.k, exclude_seen=True if args.exclude_seen is None else args.exclude_seen,
-            seeds=args.seeds, algorithm=args.method, stride=args.stride, seed=_seed(args, engine.config), chunk_users=args.chunk_users,
+            num_samples=args.num_samples, algorithm=args.algorithm, stride=args.stride, seed=_seed(args, engine.config), chunk_users=args.chunk_users,
             output_format=output_format, identity=identity, sources=sources, progress=not args.quiet)
     except (scoring.ScoringError, DataFormatError, ValueError) as error:
         raise CLIError(str(error)) from None
@@ -729,7 +731,7 @@ def _add_score_command(sub) -> None:
     score.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_args(score, default_help=" (default: the checkpoint's dataset)")
-    _add_eval_args(score, engine_names=True)
+    _add_eval_args(score)
     score.set_defaults(func=cmd_score)
 
 

@@ -46,6 +46,29 @@ def autocast_context(device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def _check_field(name: str, value, kind, low=None, high=None, choices=None) -> None:
+    """ConfigError unless `value` is of `kind` (bool and int kept apart; floats finite), in
+    `choices` and within [low, high]."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(float(value))
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = "a finite float" if kind is float else kind.__name__
+        raise ConfigError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be <= {high}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     # model
@@ -75,7 +98,7 @@ class TrainConfig:
     importance_sampling: bool = True  # False: uniform steps
     importance_loss: str = "mse"  # what p_n follows: "mse" = L_n (Eq. 18), "total" = L_n + L_rec
     # inference / evaluation
-    seeds: int = 10  # S of Alg. 3
+    num_samples: int = 10  # S of Alg. 3: noise draws averaged per user (the key "seeds" in older checkpoints)
     inference: str = "alg3"  # "alg3" | "alg2"
     eval_exclude_seen: bool = True
     eval_batch_size: int = 256
@@ -96,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     bf16: str = "auto"  # bf16 autocast: "auto" (on CUDA only), "on" or "off"
 
+    OLD_NAMES = {"seeds": "num_samples"}  # field names in older checkpoints and config files
     # fields that may change when a run is resumed
     RESUMABLE_CHANGES = ("epochs", "patience", "device", "eval_batch_size", "bf16")
 
@@ -103,6 +127,7 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         if not isinstance(values, dict):
             raise ConfigError(f"config must be a mapping, got {type(values).__name__}")
+        values = cls.with_current_names(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -110,6 +135,13 @@ class TrainConfig:
         config = cls(**values)
         config.validate()
         return config
+
+    @classmethod
+    def with_current_names(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` with each old field name (OLD_NAMES) renamed, unless the new name is there too
+        (then the old one is left, for from_dict to refuse as unknown)."""
+        renamed = {old: new for old, new in cls.OLD_NAMES.items() if old in values and new not in values}
+        return {renamed.get(key, key): value for key, value in values.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,26 +152,14 @@ class TrainConfig:
         return config
 
     def validate(self) -> "TrainConfig":
+        """ConfigError naming the first field with a bad type or value, or the first bad combination."""
+        self._check_fields()
+        self._check_combinations()
+        return self
+
+    def _check_fields(self) -> None:
         def need(name, kind, low=None, high=None, choices=None):
-            value = getattr(self, name)
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
-                ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-            elif kind is float:
-                ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-                ok = ok and math.isfinite(float(value))
-            else:
-                ok = isinstance(value, kind)
-            if not ok:
-                what = "a finite float" if kind is float else kind.__name__
-                raise ConfigError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
-            if choices is not None and value not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-            if low is not None and value < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value!r}")
-            if high is not None and value > high:
-                raise ConfigError(f"{name} must be <= {high}, got {value!r}")
+            _check_field(name, getattr(self, name), kind, low, high, choices)
 
         need("kind", str, choices=MODEL_KINDS)
         need("dim", int, 1)
@@ -170,7 +190,7 @@ class TrainConfig:
         need("mse_weight", float, 0.0)
         need("importance_sampling", bool)
         need("importance_loss", str, choices=IMPORTANCE_LOSSES)
-        need("seeds", int, 1)
+        need("num_samples", int, 1)
         need("inference", str, choices=METHODS)
         need("eval_exclude_seen", bool)
         need("eval_batch_size", int, 1)
@@ -191,6 +211,8 @@ class TrainConfig:
         need("seed", int, 0, 2**63 - 1)
         need("device", str)
         need("bf16", str, choices=BF16_SETTINGS)
+
+    def _check_combinations(self) -> None:
         if self.samples_per_epoch and self.mode != "prefix":
             raise ConfigError(f"samples_per_epoch = {self.samples_per_epoch} draws prefixes: it needs mode 'prefix', "
                               f"got mode {self.mode!r} (which trains on every target each epoch)")
@@ -207,7 +229,6 @@ class TrainConfig:
             raise ConfigError("inference 'alg2' (reverse process) needs noised_positions = 1")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        return self
 
     def learning_rate(self, epoch: int, batch: int, batches_per_epoch: int) -> float:
         """The lr of batch `batch` (0-based) of epoch `epoch` (1-based) under lr_schedule: a function

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import ops
+from ._deprecation import NUM_SAMPLES_RENAME, renamed_keywords
 from .checkpoint import load_model
 from .config import resolve_device
 from .errors import UnknownItemsError
@@ -87,21 +88,21 @@ def _history_has_step(model: DSR) -> bool:
     return model.add_step and model.step_embedding == "all"
 
 
-def repeat_rows(t: torch.Tensor, seeds: int) -> torch.Tensor:
-    """Each row `seeds` times in a row ([rows, ...] -> [rows * S, ...]), as repeat_interleave,
+def repeat_rows(t: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Each row `num_samples` times in a row ([rows, ...] -> [rows * S, ...]), as repeat_interleave,
     written as expand + reshape: no output-size computation, so safe inside a graph capture."""
-    return t.unsqueeze(1).expand(t.shape[0], seeds, *t.shape[1:]).reshape(t.shape[0] * seeds, *t.shape[1:])
+    return t.unsqueeze(1).expand(t.shape[0], num_samples, *t.shape[1:]).reshape(t.shape[0] * num_samples, *t.shape[1:])
 
 
 class _SharedHistoryPass:
-    """Denoiser passes for `rows` users and `seeds` seeds that compute the history once per user
+    """Denoiser passes for `rows` users and `num_samples` seeds that compute the history once per user
     (see the module docstring). `ids` [rows, L] end with the K noised positions; L may be shorter
     than the model's T when every history of the batch is (left padding trimmed: exact, since
     padding is masked everywhere)."""
 
-    def __init__(self, engine: InferenceEngine, ids: torch.Tensor, seeds: int):
+    def __init__(self, engine: InferenceEngine, ids: torch.Tensor, num_samples: int):
         model = engine.model
-        self.model, self.engine, self.seeds = model, engine, seeds
+        self.model, self.engine, self.num_samples = model, engine, num_samples
         rows, length = ids.shape
         self.rows = rows
         suffix = engine.suffix_length
@@ -111,29 +112,29 @@ class _SharedHistoryPass:
         self.prefix_positions, self.suffix_positions = positions[:prefix], positions[prefix:]
         padding = padding_mask_of(ids)
         self.prefix_padding = padding[:, :prefix]
-        self.suffix_padding = repeat_rows(padding[:, prefix:], seeds)
+        self.suffix_padding = repeat_rows(padding[:, prefix:], num_samples)
         vectors = model.item_vectors(ids)
         self.prefix_vectors = vectors[:, :prefix]
-        self.suffix_vectors = repeat_rows(vectors[:, prefix:], seeds)
+        self.suffix_vectors = repeat_rows(vectors[:, prefix:], num_samples)
         self.slot_vectors = self.suffix_vectors[:, -1]
         self.prefix_attention = attention_mask(self.prefix_padding, causal=True)
-        self.suffix_attention = self._suffix_attention(padding[:, prefix:], seeds)
+        self.suffix_attention = self._suffix_attention(padding[:, prefix:], num_samples)
         self.no_noise_prefix = vectors.new_zeros(rows, 0, model.dim)
-        self.no_noise_suffix = vectors.new_zeros(rows * seeds, 0, model.dim)
+        self.no_noise_suffix = vectors.new_zeros(rows * num_samples, 0, model.dim)
         self._history_cache: tuple[object, list] | None = None
 
-    def _suffix_attention(self, suffix_padding: torch.Tensor, seeds: int) -> torch.Tensor:
+    def _suffix_attention(self, suffix_padding: torch.Tensor, num_samples: int) -> torch.Tensor:
         """[rows, 1, S * K, P + S * K] bool: the query of (seed s, position i) may attend every
         non-padding history key and the keys (s, j <= i) of its own seed; always itself."""
         rows, suffix = suffix_padding.shape
         device = suffix_padding.device
-        to_history = (~self.prefix_padding)[:, None, None, :].expand(rows, 1, seeds * suffix, self.prefix_length)
-        index = torch.arange(seeds * suffix, device=device)
+        to_history = (~self.prefix_padding)[:, None, None, :].expand(rows, 1, num_samples * suffix, self.prefix_length)
+        index = torch.arange(num_samples * suffix, device=device)
         seed_of, position_of = index // suffix, index % suffix
         same_seed_before = (seed_of[:, None] == seed_of[None, :]) & (position_of[None, :] <= position_of[:, None])
-        key_present = (~suffix_padding).repeat(1, seeds)  # [rows, S * K], seed-major like the queries
+        key_present = (~suffix_padding).repeat(1, num_samples)  # [rows, S * K], seed-major like the queries
         to_suffix = same_seed_before[None, None] & key_present[:, None, None, :]
-        to_suffix = to_suffix | torch.eye(seeds * suffix, dtype=torch.bool, device=device)
+        to_suffix = to_suffix | torch.eye(num_samples * suffix, dtype=torch.bool, device=device)
         return torch.cat([to_history, to_suffix], dim=-1)
 
     def _history_states(self, rows_steps: torch.Tensor) -> list:
@@ -160,8 +161,8 @@ class _SharedHistoryPass:
     def _by_user(self, t: torch.Tensor) -> torch.Tensor:
         # [rows * S, heads, K, hd] -> [rows, heads, S * K, hd], seed-major (matches _suffix_attention)
         heads, suffix, head_dim = t.shape[1:]
-        return t.reshape(self.rows, self.seeds, heads, suffix, head_dim).transpose(1, 2).reshape(
-            self.rows, heads, self.seeds * suffix, head_dim)
+        return t.reshape(self.rows, self.num_samples, heads, suffix, head_dim).transpose(1, 2).reshape(
+            self.rows, heads, self.num_samples * suffix, head_dim)
 
     def _suffix_outputs(self, x: torch.Tensor, states: list) -> torch.Tensor:
         model = self.model
@@ -204,9 +205,9 @@ class _FullSequencePass:
     """Denoiser passes as the model itself runs them: rows * S full sequences through the fused
     `ops.denoiser_input` (for models whose attention is not causal)."""
 
-    def __init__(self, engine: InferenceEngine, ids: torch.Tensor, seeds: int):
+    def __init__(self, engine: InferenceEngine, ids: torch.Tensor, num_samples: int):
         self.model = engine.model
-        self.sequences = repeat_rows(ids, seeds)
+        self.sequences = repeat_rows(ids, num_samples)
         self.slot_vectors = self.model.item_vectors(self.sequences[:, -1])
 
     def one_pass(self, noise, plan: StepPlan) -> torch.Tensor:
@@ -294,10 +295,10 @@ class _Transfers:
 
 
 # ------------------------------------------------------------------------------------- engines
-class EngineBase:
-    """Model preparation, id mapping, validation, batching and the host/device pipeline of an engine;
-    subclasses choose the denoiser pass and the scoring (InferenceEngine here; the eager baseline in
-    benchmarks/eager_engine.py)."""
+class EngineInputs:
+    """What every engine does before and around the denoiser: model preparation (device, dtype,
+    noising tables), the item id map, the validation of histories and options, batching and the
+    host/device pipeline. EngineBase adds the algorithms on top."""
 
     name = "base"
     shares_history = False
@@ -365,8 +366,8 @@ class EngineBase:
         return self.model.max_len - 1
 
     @property
-    def default_seeds(self) -> int:
-        return int(getattr(self.config, "seeds", 10))
+    def default_num_samples(self) -> int:
+        return int(getattr(self.config, "num_samples", 10))
 
     @property
     def default_algorithm(self) -> str:
@@ -377,7 +378,7 @@ class EngineBase:
         return {
             "engine": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "kind": model.kind, "num_items": model.num_items, "max_history": self.max_history, "dim": model.dim,
-            "layers": len(model.layers), "num_steps": model.num_steps, "default_seeds": self.default_seeds,
+            "layers": len(model.layers), "num_steps": model.num_steps, "default_num_samples": self.default_num_samples,
             "default_algorithm": self.default_algorithm, "batch_size": self.batch_size,
             "share_history": self.shares_history,
         }
@@ -449,11 +450,11 @@ class EngineBase:
         if exclude_seen:
             check_room(k, self.num_items, arrays)
 
-    def _options(self, seeds, algorithm, stride, seed=0) -> tuple[int, str]:
-        seeds = self.default_seeds if seeds is None else seeds
+    def _options(self, num_samples, algorithm, stride, seed=0) -> tuple[int, str]:
+        num_samples = self.default_num_samples if num_samples is None else num_samples
         algorithm = self.default_algorithm if algorithm is None else algorithm
-        if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-            raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         check_seed(seed)
@@ -463,85 +464,23 @@ class EngineBase:
             if self.model.noised_positions != 1:
                 raise ValueError("Alg. 2 is defined for target-only noising (noised_positions = 1)")
             reverse_steps(self.model.num_steps, stride)  # validates the stride
-        return seeds, algorithm
+        return num_samples, algorithm
 
-    def check_options(self, seeds: int | None = None, algorithm: str | None = None, stride: int = 1) -> tuple[int, str]:
-        """(seeds, algorithm) as a call would use them; ValueError for a bad seeds, algorithm or
+    @renamed_keywords(**NUM_SAMPLES_RENAME)
+    def check_options(self, num_samples: int | None = None, algorithm: str | None = None, stride: int = 1) -> tuple[int, str]:
+        """(num_samples, algorithm) as a call would use them; ValueError for a bad num_samples, algorithm or
         stride. SASRec models always run one deterministic pass: (1, "alg3")."""
-        return self._options(seeds, algorithm, stride)
+        return self._options(num_samples, algorithm, stride)
 
-    def _plan(self, algorithm: str, rows: int, seeds: int, stride: int) -> StepPlan:
-        key = (algorithm, rows, seeds, stride)
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        model = self.model
-        if not model.diffusion:
-            visited = [0]
-        elif algorithm == "alg3":
-            visited = [model.num_steps]
-        else:
-            visited = reverse_steps(model.num_steps, stride)
-        rows_steps = [torch.full((rows,), t, dtype=torch.int64, device=self.device) for t in visited]
-        seq_steps = [torch.full((rows * seeds,), t, dtype=torch.int64, device=self.device) for t in visited]
-        plan = StepPlan(visited, rows_steps, seq_steps)
-        if algorithm == "alg2" and model.diffusion:
-            # As inference.predict_h0: the chain runs on input_scale * h0 (model.DSR).
-            scale = model.input_scale
-            plan.coefficients = [posterior(model, t, s) for t, s in pairwise(visited)]
-            plan.coefficients = [(c0 * scale, cn, var**0.5) for c0, cn, var in plan.coefficients]
-            n = model.num_steps
-            plan.start = (float(model.schedule.sqrt_abar[n]) * scale, float(model.schedule.sqrt_one_minus_abar[n]))
-        self._plans[key] = plan
-        while len(self._plans) > 32:
-            self._plans.popitem(last=False)
-        return plan
-
-    # ----------------------------------------------------------------- the denoiser
-    def _make_pass(self, ids: torch.Tensor, seeds: int):
-        raise NotImplementedError
-
-    def _run_denoiser(self, ids: torch.Tensor, noise: torch.Tensor, seeds: int, algorithm: str,
-                      plan: StepPlan) -> torch.Tensor:
-        """h0 predictions [rows * S, d] for device inputs `ids` [rows, L] and the call's noise."""
-        denoiser = self._make_pass(ids, seeds)
-        if algorithm == "alg3" or not self.model.diffusion:
-            return denoiser.one_pass(noise if self.model.noised_positions else None, plan)
-        last = len(plan.steps) - 1
-        signal, noise_scale = plan.start
-        h = signal * denoiser.slot_vectors.to(self.state_dtype) + noise_scale * noise[0]
-        for index in range(len(plan.steps)):
-            f = denoiser.denoise_slot(h, index, plan)
-            if index == last:
-                return f  # the last visited step predicts h0 directly
-            coef_h0, coef_hn, sigma = plan.coefficients[index]
-            h = coef_h0 * f.to(self.state_dtype) + coef_hn * h + sigma * noise[index + 1]
-        raise AssertionError("a plan visits at least one step")
-
-    def _draw_noise(self, rows: int, seeds: int, algorithm: str, plan: StepPlan, generator) -> torch.Tensor:
-        """The call's Gaussian draws for `rows` users, in inference.predict_h0's shapes, flattened
-        to the sequence layout: Alg. 3 [rows * S, K, d] (compute dtype), Alg. 2 [m, rows * S, d]."""
-        model, dim = self.model, self.model.dim
-        if algorithm == "alg3" or not model.diffusion:
-            k = model.noised_positions
-            noise = torch.randn(rows, seeds, k, dim, generator=generator, device=self.device, dtype=self.dtype)
-            return noise.reshape(rows * seeds, k, dim)
-        noise = torch.randn(len(plan.steps), rows, seeds, dim, generator=generator, device=self.device,
-                            dtype=self.state_dtype)
-        return noise.reshape(len(plan.steps), rows * seeds, dim)
-
-    def _denoise(self, ids: torch.Tensor, users: int, seeds: int, algorithm: str, stride: int,
-                 noise: torch.Tensor) -> torch.Tensor:
-        """[users, S, d] predictions of h0; `ids` may hold extra padding rows (graph shapes)."""
-        rows = ids.shape[0]
-        plan = self._plan(algorithm, rows, seeds, stride)
-        h0 = self._run_denoiser(ids, noise, seeds, algorithm, plan)
-        return h0.reshape(rows, seeds, -1)[:users]
-
-    # ----------------------------------------------------------------- scoring
-    def _score(self, hidden: torch.Tensor, k: int, offsets: torch.Tensor, excluded: torch.Tensor):
-        raise NotImplementedError
+    # ----------------------------------------------------------------- the item layer
+    def _float_item_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The item layer (W, b) in float32 (the seed ops take one float dtype for hidden, W and b;
+        under bf16 autocast the tied W comes out of a matmul in bf16), checked finite."""
+        with torch.inference_mode():
+            weight, bias = self.model.item_layer()
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        check_item_layer_finite(weight, bias)
+        return weight, bias
 
     # ----------------------------------------------------------------- batching
     def _batch_rows(self, users: int) -> int:
@@ -581,27 +520,108 @@ class EngineBase:
         self.last_timings[phase] = self.last_timings.get(phase, 0.0) + now - start
         return now
 
+
+class EngineBase(EngineInputs):
+    """Alg. 3 / Alg. 2 over EngineInputs: the step plans, the noise, the reverse chain, and the
+    public top-k, target ranks and h0 predictions; subclasses choose the denoiser pass and the
+    scoring (InferenceEngine here; the eager baseline in benchmarks/eager_engine.py)."""
+
+    # ----------------------------------------------------------------- the denoiser
+    def _plan(self, algorithm: str, rows: int, num_samples: int, stride: int) -> StepPlan:
+        key = (algorithm, rows, num_samples, stride)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        model = self.model
+        if not model.diffusion:
+            visited = [0]
+        elif algorithm == "alg3":
+            visited = [model.num_steps]
+        else:
+            visited = reverse_steps(model.num_steps, stride)
+        rows_steps = [torch.full((rows,), t, dtype=torch.int64, device=self.device) for t in visited]
+        seq_steps = [torch.full((rows * num_samples,), t, dtype=torch.int64, device=self.device) for t in visited]
+        plan = StepPlan(visited, rows_steps, seq_steps)
+        if algorithm == "alg2" and model.diffusion:
+            # As inference.predict_h0: the chain runs on input_scale * h0 (model.DSR).
+            scale = model.input_scale
+            plan.coefficients = [posterior(model, t, s) for t, s in pairwise(visited)]
+            plan.coefficients = [(c0 * scale, cn, var**0.5) for c0, cn, var in plan.coefficients]
+            n = model.num_steps
+            plan.start = (float(model.schedule.sqrt_abar[n]) * scale, float(model.schedule.sqrt_one_minus_abar[n]))
+        self._plans[key] = plan
+        while len(self._plans) > 32:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _make_pass(self, ids: torch.Tensor, num_samples: int):
+        raise NotImplementedError
+
+    def _run_denoiser(self, ids: torch.Tensor, noise: torch.Tensor, num_samples: int, algorithm: str,
+                      plan: StepPlan) -> torch.Tensor:
+        """h0 predictions [rows * S, d] for device inputs `ids` [rows, L] and the call's noise."""
+        denoiser = self._make_pass(ids, num_samples)
+        if algorithm == "alg3" or not self.model.diffusion:
+            return denoiser.one_pass(noise if self.model.noised_positions else None, plan)
+        last = len(plan.steps) - 1
+        signal, noise_scale = plan.start
+        h = signal * denoiser.slot_vectors.to(self.state_dtype) + noise_scale * noise[0]
+        for index in range(len(plan.steps)):
+            f = denoiser.denoise_slot(h, index, plan)
+            if index == last:
+                return f  # the last visited step predicts h0 directly
+            coef_h0, coef_hn, sigma = plan.coefficients[index]
+            h = coef_h0 * f.to(self.state_dtype) + coef_hn * h + sigma * noise[index + 1]
+        raise AssertionError("a plan visits at least one step")
+
+    def _draw_noise(self, rows: int, num_samples: int, algorithm: str, plan: StepPlan, generator) -> torch.Tensor:
+        """The call's Gaussian draws for `rows` users, in inference.predict_h0's shapes, flattened
+        to the sequence layout: Alg. 3 [rows * S, K, d] (compute dtype), Alg. 2 [m, rows * S, d]."""
+        model, dim = self.model, self.model.dim
+        if algorithm == "alg3" or not model.diffusion:
+            k = model.noised_positions
+            noise = torch.randn(rows, num_samples, k, dim, generator=generator, device=self.device, dtype=self.dtype)
+            return noise.reshape(rows * num_samples, k, dim)
+        noise = torch.randn(len(plan.steps), rows, num_samples, dim, generator=generator, device=self.device,
+                            dtype=self.state_dtype)
+        return noise.reshape(len(plan.steps), rows * num_samples, dim)
+
+    def _denoise(self, ids: torch.Tensor, users: int, num_samples: int, algorithm: str, stride: int,
+                 noise: torch.Tensor) -> torch.Tensor:
+        """[users, S, d] predictions of h0; `ids` may hold extra padding rows (graph shapes)."""
+        rows = ids.shape[0]
+        plan = self._plan(algorithm, rows, num_samples, stride)
+        h0 = self._run_denoiser(ids, noise, num_samples, algorithm, plan)
+        return h0.reshape(rows, num_samples, -1)[:users]
+
+    # ----------------------------------------------------------------- scoring
+    def _score(self, hidden: torch.Tensor, k: int, offsets: torch.Tensor, excluded: torch.Tensor):
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- public API
+    @renamed_keywords(**NUM_SAMPLES_RENAME)
     def recommend(self, histories: Sequence[Sequence], k: int = 10, exclude_seen: bool = True,
-                  seeds: int | None = None, algorithm: str | None = None, stride: int = 1, seed: int = 0) -> TopK:
+                  num_samples: int | None = None, algorithm: str | None = None, stride: int = 1, seed: int = 0) -> TopK:
         """Top-k for each history given in the dataset's own item ids (oldest first).
 
-        seeds: S (default: the checkpoint's); algorithm: "alg3" (one pass per seed, default) or
+        num_samples: S, the noise draws averaged (default: the checkpoint's); algorithm: "alg3" (one pass per seed, default) or
         "alg2" (the reverse process; `stride` > 1 visits every stride-th step, DDIM-style);
         exclude_seen: never return an item of the user's history. Histories longer than T - 1
         are read from their most recent T - 1 items (all of them are excluded)."""
         dense = self.to_dense(histories)
-        ids, scores = self.recommend_dense(dense, k=k, exclude_seen=exclude_seen, seeds=seeds,
+        ids, scores = self.recommend_dense(dense, k=k, exclude_seen=exclude_seen, num_samples=num_samples,
                                            algorithm=algorithm, stride=stride, seed=seed)
         return TopK(self.original_ids(ids), scores, ids)
 
-    def recommend_dense(self, histories, k: int = 10, exclude_seen: bool = True, seeds: int | None = None,
+    @renamed_keywords(**NUM_SAMPLES_RENAME)
+    def recommend_dense(self, histories, k: int = 10, exclude_seen: bool = True, num_samples: int | None = None,
                         algorithm: str | None = None, stride: int = 1, seed: int = 0):
         """As `recommend`, with histories and results in the model's dense ids (1..num_items):
         (ids [B, k] int64, scores [B, k] float32), on the CPU."""
         arrays = self._dense_arrays(histories)
         self._check_k(k, arrays, exclude_seen)
-        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
+        num_samples, algorithm = self._options(num_samples, algorithm, stride, seed)
         users = len(arrays)
         out_ids = torch.zeros(users, k, dtype=torch.int64)
         out_scores = torch.zeros(users, k, dtype=torch.float32)
@@ -626,9 +646,9 @@ class EngineBase:
                         self._host_batch([arrays[i] for i in batches[index + 1]], exclude_seen))
                 ids, offsets, excluded = self._transfers.receive(sent)
                 mark = self._timed("prepare_s", mark)
-                plan = self._plan(algorithm, ids.shape[0], seeds, stride)
-                noise = self._draw_noise(len(rows), seeds, algorithm, plan, generator)
-                hidden = self._denoise_with_noise(ids, len(rows), seeds, algorithm, stride, noise)
+                plan = self._plan(algorithm, ids.shape[0], num_samples, stride)
+                noise = self._draw_noise(len(rows), num_samples, algorithm, plan, generator)
+                hidden = self._denoise_with_noise(ids, len(rows), num_samples, algorithm, stride, noise)
                 if self.device.type == "cpu":  # on CUDA the seed ops' device-side checks refuse NaN/Inf, unsynced
                     check_finite_predictions(hidden, rows)
                 mark = self._timed("denoise_s", mark)
@@ -643,7 +663,8 @@ class EngineBase:
             self.last_timings["total_s"] = time.perf_counter() - started
         return out_ids, out_scores
 
-    def target_ranks(self, histories, targets, exclude_seen: bool = True, seeds: int | None = None,
+    @renamed_keywords(**NUM_SAMPLES_RENAME)
+    def target_ranks(self, histories, targets, exclude_seen: bool = True, num_samples: int | None = None,
                      algorithm: str | None = None, stride: int = 1, seed: int = 0, seen_offsets=None,
                      seen_items=None, progress: bool = False, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
         """0-based pessimistic rank of each target under full ranking (ops.seed_target_rank), [U]
@@ -663,7 +684,7 @@ class EngineBase:
         arrays, targets, seen_offsets, seen_items = check_rank_inputs(
             self.num_items, histories, targets, exclude_seen=exclude_seen, seed=seed, seen_offsets=seen_offsets,
             seen_items=seen_items, shard=shard)
-        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
+        num_samples, algorithm = self._options(num_samples, algorithm, stride, seed)
         weight, bias = self._float_item_layer()
         starts = shard_starts(len(arrays), self.batch_size, shard)
         if progress:
@@ -680,57 +701,49 @@ class EngineBase:
                     offsets, excluded = seen_exclusion(seen_offsets, seen_items, start, stop)
                 ids, offsets, excluded = (t.to(self.device) for t in (ids, offsets, excluded))
                 generator.manual_seed(batch_seed(seed, start // self.batch_size))
-                plan = self._plan(algorithm, ids.shape[0], seeds, stride)
-                noise = self._draw_noise(stop - start, seeds, algorithm, plan, generator)
-                hidden = self._denoise_with_noise(ids, stop - start, seeds, algorithm, stride, noise).float()
+                plan = self._plan(algorithm, ids.shape[0], num_samples, stride)
+                noise = self._draw_noise(stop - start, num_samples, algorithm, plan, generator)
+                hidden = self._denoise_with_noise(ids, stop - start, num_samples, algorithm, stride, noise).float()
                 check_finite_predictions(hidden, np.arange(start, stop))
                 rank = ops.seed_target_rank(hidden, weight, bias, targets[start:stop].to(self.device), offsets,
                                             excluded)
                 ranks.append(rank.cpu())
         return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
 
-    def _float_item_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The item layer (W, b) in float32 (the seed ops take one float dtype for hidden, W and b;
-        under bf16 autocast the tied W comes out of a matmul in bf16), checked finite."""
-        with torch.inference_mode():
-            weight, bias = self.model.item_layer()
-            weight, bias = weight.float(), None if bias is None else bias.float()
-        check_item_layer_finite(weight, bias)
-        return weight, bias
+    def _denoise_with_noise(self, ids, users, num_samples, algorithm, stride, noise):
+        return self._denoise(ids, users, num_samples, algorithm, stride, noise)
 
-    def _denoise_with_noise(self, ids, users, seeds, algorithm, stride, noise):
-        return self._denoise(ids, users, seeds, algorithm, stride, noise)
-
-    def predict_h0(self, histories, seeds: int | None = None, algorithm: str | None = None, stride: int = 1,
+    @renamed_keywords(**NUM_SAMPLES_RENAME)
+    def predict_h0(self, histories, num_samples: int | None = None, algorithm: str | None = None, stride: int = 1,
                    noise: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
         """f_theta's predictions of h0 for dense histories, one batch, in the given order:
         [B, S, d] float32 on the CPU. `noise` fixes the draws, in inference.predict_h0's shapes
         (Alg. 3 [B, S, K, d], Alg. 2 [m, B, S, d], m = visited steps)."""
         arrays = self._dense_arrays(histories)
-        seeds, algorithm = self._options(seeds, algorithm, stride, seed)
+        num_samples, algorithm = self._options(num_samples, algorithm, stride, seed)
         users = len(arrays)
         if users == 0:
             raise ValueError("no histories: give at least one")
         with self._lock, torch.inference_mode():
             ids, _, _ = self._host_batch(arrays, False)
             ids = ids.to(self.device)
-            plan = self._plan(algorithm, ids.shape[0], seeds, stride)
+            plan = self._plan(algorithm, ids.shape[0], num_samples, stride)
             if noise is None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
-                flat = self._draw_noise(users, seeds, algorithm, plan, generator)
+                flat = self._draw_noise(users, num_samples, algorithm, plan, generator)
             else:
-                flat = self._given_noise(noise, users, seeds, algorithm, plan)
-            hidden = self._denoise_with_noise(ids, users, seeds, algorithm, stride, flat)
+                flat = self._given_noise(noise, users, num_samples, algorithm, plan)
+            hidden = self._denoise_with_noise(ids, users, num_samples, algorithm, stride, flat)
             return hidden.float().cpu().clone()
 
-    def _given_noise(self, noise: torch.Tensor, users: int, seeds: int, algorithm: str, plan: StepPlan):
+    def _given_noise(self, noise: torch.Tensor, users: int, num_samples: int, algorithm: str, plan: StepPlan):
         dim, k = self.model.dim, self.model.noised_positions
         if algorithm == "alg3" or not self.model.diffusion:
-            expected = (users, seeds, k, dim)
-            flat_shape, dtype = (users * seeds, k, dim), self.dtype
+            expected = (users, num_samples, k, dim)
+            flat_shape, dtype = (users * num_samples, k, dim), self.dtype
         else:
-            expected = (len(plan.steps), users, seeds, dim)
-            flat_shape, dtype = (len(plan.steps), users * seeds, dim), self.state_dtype
+            expected = (len(plan.steps), users, num_samples, dim)
+            flat_shape, dtype = (len(plan.steps), users * num_samples, dim), self.state_dtype
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise must have shape {expected}, got {tuple(noise.shape)}")
         return noise.to(self.device, dtype).reshape(flat_shape)
@@ -780,8 +793,8 @@ class InferenceEngine(EngineBase):
     def describe(self) -> dict:
         return {**super().describe(), "cuda_graphs": self.cuda_graphs, "scoring": self.scoring}
 
-    def _make_pass(self, ids, seeds):
-        return _SharedHistoryPass(self, ids, seeds) if self.shares_history else _FullSequencePass(self, ids, seeds)
+    def _make_pass(self, ids, num_samples):
+        return _SharedHistoryPass(self, ids, num_samples) if self.shares_history else _FullSequencePass(self, ids, num_samples)
 
     def _batch_rows(self, users: int) -> int:
         if not self.cuda_graphs:
@@ -794,32 +807,32 @@ class InferenceEngine(EngineBase):
             length = min(-(-length // 8) * 8, self.model.max_len)
         return length
 
-    def _denoise_with_noise(self, ids, users, seeds, algorithm, stride, noise):
+    def _denoise_with_noise(self, ids, users, num_samples, algorithm, stride, noise):
         if not self.cuda_graphs:
-            return self._denoise(ids, users, seeds, algorithm, stride, noise)
+            return self._denoise(ids, users, num_samples, algorithm, stride, noise)
         rows = ids.shape[0]
         if rows > users:  # padding rows (empty histories) get zero noise; their outputs are dropped
             axis = 0 if algorithm == "alg3" or not self.model.diffusion else 1  # [rows*S, K, d] / [m, rows*S, d]
             extra = list(noise.shape)
-            extra[axis] = (rows - users) * seeds
+            extra[axis] = (rows - users) * num_samples
             noise = torch.cat([noise, noise.new_zeros(extra)], dim=axis)
-        graph = self._graph(ids, noise, seeds, algorithm, stride)
-        return graph(ids, noise).reshape(rows, seeds, -1)[:users]
+        graph = self._graph(ids, noise, num_samples, algorithm, stride)
+        return graph(ids, noise).reshape(rows, num_samples, -1)[:users]
 
-    def _graph(self, ids, noise, seeds, algorithm, stride) -> _CapturedDenoiser:
-        key = (algorithm, tuple(ids.shape), seeds, stride)
+    def _graph(self, ids, noise, num_samples, algorithm, stride) -> _CapturedDenoiser:
+        key = (algorithm, tuple(ids.shape), num_samples, stride)
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph
-        plan = self._plan(algorithm, ids.shape[0], seeds, stride)
+        plan = self._plan(algorithm, ids.shape[0], num_samples, stride)
         short = plan.truncated(2)
 
         def run(static_ids, static_noise):
-            return self._run_denoiser(static_ids, static_noise, seeds, algorithm, plan)
+            return self._run_denoiser(static_ids, static_noise, num_samples, algorithm, plan)
 
         def warmup(static_ids, static_noise):
-            return self._run_denoiser(static_ids, static_noise, seeds, algorithm, short)
+            return self._run_denoiser(static_ids, static_noise, num_samples, algorithm, short)
 
         graph = _CapturedDenoiser(run, ids, noise, warmup, keep_alive=(plan,))
         self._graphs[key] = graph
@@ -837,16 +850,16 @@ class InferenceEngine(EngineBase):
     def _score_user_chunks(self, hidden, weight, bias, k, offsets, excluded):
         """The kernel's contract (seed-averaged probability, exclusions, ties to the smaller id)
         in one pass over the catalog per chunk of users."""
-        users, seeds, dim = hidden.shape
+        users, num_samples, dim = hidden.shape
         size = weight.shape[0]
-        chunk = max(1, self.scoring_memory_bytes // (seeds * size * 4))
+        chunk = max(1, self.scoring_memory_bytes // (num_samples * size * 4))
         counts = offsets[1:] - offsets[:-1]
         values, items = [], []
         for start in range(0, users, chunk):
             stop = min(users, start + chunk)
             logits = torch.nn.functional.linear(hidden[start:stop].reshape(-1, dim), weight, bias).float()
             logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
-            probs = logits.exp_().reshape(stop - start, seeds, size).mean(dim=1)
+            probs = logits.exp_().reshape(stop - start, num_samples, size).mean(dim=1)
             rows = torch.repeat_interleave(torch.arange(stop - start, device=probs.device), counts[start:stop])
             probs[rows, excluded[int(offsets[start]):int(offsets[stop])]] = float("-inf")
             top_values, top_items = torch.topk(probs, k, dim=-1)

@@ -1,6 +1,6 @@
 """Inference building blocks below the engine (engine.py, the one implementation of Alg. 2 / Alg. 3
 scoring, top-k and target ranks): the input of every pass, the reverse process's posterior, the
-validators every layer calls (k, the items left after exclusion, seeds, histories, target-rank
+validators every layer calls (k, the items left after exclusion, num_samples, histories, target-rank
 arguments), the exclusion lists, and `predict_h0`, the plain reference of both algorithms that the
 tests compare the engine with.
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import ops
+from ._deprecation import NUM_SAMPLES_RENAME, renamed_keywords
 from .config import METHODS
 from .errors import ItemsLeftError
 from .model import DSR
@@ -60,7 +61,8 @@ def posterior(model: DSR, t: int, s: int) -> tuple[float, float, float]:
             beta * (1.0 - abar_s) / denom)
 
 
-def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "alg3",
+@renamed_keywords(**NUM_SAMPLES_RENAME)
+def predict_h0(model: DSR, ids: torch.Tensor, num_samples: int = 10, method: str = "alg3",
                generator: torch.Generator | None = None, stride: int = 1,
                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Predictions of h0 for inference inputs `ids` [B, T] (ending with the [unk] slot): [B, S, d].
@@ -68,31 +70,31 @@ def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "al
     `noise` fixes the Gaussian draws: Alg. 3 [B, S, K, d]; Alg. 2 [m, B, S, d] with m = number of
     visited steps (eps for h_N first, then one z per transition)."""
     _check_method(method)
-    if not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     batch = ids.shape[0]
     device = ids.device
     if not model.diffusion:
         return model(ids)[:, None]
     dtype = model.item_emb.weight.dtype
-    rep = ids.repeat_interleave(seeds, dim=0)
+    rep = ids.repeat_interleave(num_samples, dim=0)
     dim = model.dim
     if method == "alg3":
         k = model.noised_positions
         if noise is None:
-            noise = torch.randn(batch, seeds, k, dim, generator=generator, device=device, dtype=dtype)
-        if noise.shape != (batch, seeds, k, dim):
-            raise ValueError(f"noise must be [B, S, K, d] = {(batch, seeds, k, dim)}, got {tuple(noise.shape)}")
-        h0 = model(rep, model.num_steps, noise.reshape(batch * seeds, k, dim))
-        return h0.reshape(batch, seeds, dim)
+            noise = torch.randn(batch, num_samples, k, dim, generator=generator, device=device, dtype=dtype)
+        if noise.shape != (batch, num_samples, k, dim):
+            raise ValueError(f"noise must be [B, S, K, d] = {(batch, num_samples, k, dim)}, got {tuple(noise.shape)}")
+        h0 = model(rep, model.num_steps, noise.reshape(batch * num_samples, k, dim))
+        return h0.reshape(batch, num_samples, dim)
     if model.noised_positions != 1:
         raise ValueError("Alg. 2 is defined for target-only noising (noised_positions = 1)")
     visited = reverse_steps(model.num_steps, stride)
     if noise is None:
-        noise = torch.randn(len(visited), batch, seeds, dim, generator=generator, device=device, dtype=dtype)
-    if noise.shape != (len(visited), batch, seeds, dim):
-        raise ValueError(f"noise must be [m, B, S, d] = {(len(visited), batch, seeds, dim)}, got {tuple(noise.shape)}")
-    noise = noise.reshape(len(visited), batch * seeds, dim)
+        noise = torch.randn(len(visited), batch, num_samples, dim, generator=generator, device=device, dtype=dtype)
+    if noise.shape != (len(visited), batch, num_samples, dim):
+        raise ValueError(f"noise must be [m, B, S, d] = {(len(visited), batch, num_samples, dim)}, got {tuple(noise.shape)}")
+    noise = noise.reshape(len(visited), batch * num_samples, dim)
     n = model.num_steps
     unk = model.item_vectors(torch.tensor(model.unk_id, device=device))
     scale = model.input_scale  # the process runs on input_scale * h0 (model.DSR)
@@ -105,7 +107,7 @@ def predict_h0(model: DSR, ids: torch.Tensor, seeds: int = 10, method: str = "al
         s = visited[index + 1]
         coef_h0, coef_hn, variance = posterior(model, t, s)
         h = coef_h0 * scale * f + coef_hn * h + variance**0.5 * noise[index + 1]
-    return h.reshape(batch, seeds, dim)
+    return h.reshape(batch, num_samples, dim)
 
 
 def history_items(history, name: str = "history") -> list:

@@ -159,6 +159,21 @@ class EncoderLayer(nn.Module):
         return content, query
 
 
+def _check_dsr_arguments(kind, num_items, max_len, schedule, step_embedding, noised_positions) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if not isinstance(num_items, int) or num_items < 1:
+        raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2 (history + target slot), got {max_len!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step_embedding not in STEP_EMBEDDINGS:
+        raise ValueError(f"step_embedding must be one of {STEP_EMBEDDINGS}, got {step_embedding!r}")
+    if kind == "diffrec" and not 1 <= noised_positions <= max_len:
+        raise ValueError(f"noised_positions must be in [1, max_len = {max_len}], got {noised_positions}")
+
+
 class DSR(nn.Module):
     """Denoise Sequential Recommender; `kind="sasrec"` is the same backbone without diffusion."""
 
@@ -186,19 +201,8 @@ class DSR(nn.Module):
         tie_output: bool = False,
     ):
         super().__init__()
-        if kind not in MODEL_KINDS:
-            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
-        if not isinstance(num_items, int) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
-        if not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"max_len must be an int >= 2 (history + target slot), got {max_len!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if step_embedding not in STEP_EMBEDDINGS:
-            raise ValueError(f"step_embedding must be one of {STEP_EMBEDDINGS}, got {step_embedding!r}")
+        _check_dsr_arguments(kind, num_items, max_len, schedule, step_embedding, noised_positions)
         diffusion = kind == "diffrec"
-        if diffusion and not 1 <= noised_positions <= max_len:
-            raise ValueError(f"noised_positions must be in [1, max_len = {max_len}], got {noised_positions}")
         self.kind = kind
         self.num_items = num_items
         self.unk_id = num_items + 1
@@ -416,25 +420,20 @@ class DSR(nn.Module):
             return self.item_vectors(ids) / self.dim**0.5, self.out_bias
         return self.out.weight, self.out.bias
 
-    def item_embedding_norm(self) -> float:
-        """Mean L2 norm of the real items' effective embeddings (rows 1..num_items)."""
-        with torch.no_grad():
-            ids = torch.arange(1, self.num_items + 1, device=self.item_emb.weight.device)
-            return float(self.item_vectors(ids).norm(dim=1).mean())
 
-    def item_embedding_cosine(self) -> float:
-        """Mean cosine similarity over all pairs of distinct real items: the collapse watch
-        (near 0 for spread-out embeddings, near 1 when they collapse onto one direction)."""
-        with torch.no_grad():
-            units = F.normalize(self.item_emb.weight[1 : self.num_items + 1].double(), dim=1)
-            n = units.shape[0]
-            if n < 2:
-                return 0.0
-            return float((units.sum(0).pow(2).sum() - n) / (n * (n - 1)))
-
-    def output_weight_norm(self) -> float:
-        with torch.no_grad():
-            return float(self.item_layer()[0][1:].norm(dim=1).mean())
+def embedding_statistics(model: DSR) -> dict[str, float]:
+    """The training log's watch on the item vectors: "item_emb_norm", the mean L2 norm of the real
+    items' effective embeddings; "item_emb_cos", the mean cosine similarity over all pairs of
+    distinct real items (near 0 when spread out, near 1 when they collapse onto one direction);
+    "out_weight_norm", the mean norm of the item layer's real rows."""
+    with torch.no_grad():
+        ids = torch.arange(1, model.num_items + 1, device=model.item_emb.weight.device)
+        norm = float(model.item_vectors(ids).norm(dim=1).mean())
+        units = F.normalize(model.item_emb.weight[1 : model.num_items + 1].double(), dim=1)
+        n = units.shape[0]
+        cosine = float((units.sum(0).pow(2).sum() - n) / (n * (n - 1))) if n >= 2 else 0.0
+        out_norm = float(model.item_layer()[0][1:].norm(dim=1).mean())
+    return {"item_emb_norm": norm, "item_emb_cos": cosine, "out_weight_norm": out_norm}
 
 
 def build_model(config, num_items: int) -> DSR:

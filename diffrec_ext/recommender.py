@@ -4,10 +4,10 @@ one implementation of Alg. 2 / Alg. 3 scoring."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ._deprecation import NUM_SAMPLES_RENAME, renamed_keywords
 from .checkpoint import load_model
 from .engine import InferenceEngine
 from .errors import UnknownItemsError
@@ -57,13 +57,11 @@ class Recommender:
         """(dense ids, unknown original ids) of a history given in original item ids."""
         return self.engine.lookup(original_items)
 
+    @renamed_keywords(method="algorithm", **NUM_SAMPLES_RENAME)
     def recommend_dense(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True,
                         titles: dict | None = None, **options) -> list[list[Recommendation]]:
         """Top-k of each dense-id history, as Recommendations in original ids. `options`: the
-        engine's seeds, algorithm, stride and seed (defaults: the checkpoint's)."""
-        if "method" in options:
-            warnings.warn("Recommender: 'method' is now 'algorithm'", DeprecationWarning, stacklevel=2)
-            options["algorithm"] = options.pop("method")
+        engine's num_samples, algorithm, stride and seed (defaults: the checkpoint's)."""
         ids, scores = self.engine.recommend_dense(histories, k=k, exclude_seen=exclude_seen, **options)
         out = []
         for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
@@ -75,6 +73,7 @@ class Recommender:
             out.append(row)
         return out
 
+    @renamed_keywords(method="algorithm", **NUM_SAMPLES_RENAME)
     def recommend(self, history: Sequence, k: int = 10, exclude_seen: bool = True, titles: dict | None = None,
                   **options) -> list[Recommendation]:
         """Top-k for one history of original item ids (see history_items for what a history may be);

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._deprecation import NUM_SAMPLES_RENAME, renamed_keywords
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from .distributed import rank_and_world_size
 from .errors import DataFormatError, ItemsLeftError, ScoringError, UnknownItemsError
@@ -428,7 +429,8 @@ def _collective(device):
 
 
 
-def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds: int | None = None,
+@renamed_keywords(**NUM_SAMPLES_RENAME)
+def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, num_samples: int | None = None,
           algorithm: str | None = None, stride: int = 1, seed: int = 0, chunk_users: int = 8192,
           output_format: str = "parquet", identity: dict | None = None, sources: dict | None = None,
           progress: bool = True) -> ScoreReport:
@@ -438,16 +440,11 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds:
     identity: further facts a resumed run must share (e.g. the checkpoint's fingerprint);
     sources: where the input and checkpoint live (recorded, not compared)."""
     _pyarrow()  # fail before any work when it is missing
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= engine.num_items:
-        raise ScoringError(f"k must be an int in [1, {engine.num_items}] (the catalog), got {k!r}")
-    if not isinstance(chunk_users, int) or isinstance(chunk_users, bool) or chunk_users < 1:
-        raise ScoringError(f"chunk_users must be a positive int, got {chunk_users!r}")
-    if output_format not in OUTPUT_FORMATS:
-        raise ScoringError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-    seeds, algorithm = engine.check_options(seeds, algorithm, stride)
+    _check_score_arguments(engine, k, chunk_users, output_format)
+    num_samples, algorithm = engine.check_options(num_samples, algorithm, stride)
     out = Path(out)
     options = json.loads(json.dumps({
-        "k": k, "exclude_seen": bool(exclude_seen), "seeds": seeds, "algorithm": algorithm, "stride": stride,
+        "k": k, "exclude_seen": bool(exclude_seen), "num_samples": num_samples, "algorithm": algorithm, "stride": stride,
         "seed": seed, "chunk_users": chunk_users, "format": output_format, "input": source.fingerprint,
         **(identity or {})}))
     rank, world = rank_and_world_size()
@@ -493,7 +490,7 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds:
                     check_room(k, engine.num_items, chunk.histories, chunk.where)
                 except ItemsLeftError as error:
                     raise ScoringError(f"{error}; lower -k or pass --no-exclude-seen") from None
-            ids, scores = engine.recommend_dense(chunk.histories, k=k, exclude_seen=exclude_seen, seeds=seeds,
+            ids, scores = engine.recommend_dense(chunk.histories, k=k, exclude_seen=exclude_seen, num_samples=num_samples,
                                                  algorithm=algorithm, stride=stride, seed=batch_seed(seed, index))
             writer.write(index, chunk.users, ids, scores)
             scored += count
@@ -504,18 +501,34 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, seeds:
     seconds = time.perf_counter() - started
     report = ScoreReport(out, rows_in, scored, resumed, rows_in * k, chunks, seconds, world)
     if rank == 0:
-        missing = [index for index in range(chunks) if not writer.path(index).is_file()]
-        if missing:
-            raise ScoringError(f"{len(missing)} part file(s) missing after the run (first: "
-                               f"{writer.path(missing[0]).name}): was another process writing into {out}?")
-        atomic_write_json(out / MANIFEST, {
-            "format": MANIFEST_FORMAT, "complete": True, "options": options, "sources": sources or {},
-            "columns": {"user": "original user id", "rank": "1 = best", "item": "original item id",
-                        "score": "seed-averaged probability"},
-            "users": rows_in, "rows": rows_in * k,
-            "parts": [{"file": writer.path(index).name, "users": min(chunk_users, rows_in - index * chunk_users)}
-                      for index in range(chunks)],
-            "last_run": {"processes": world, "scored": scored, "resumed": resumed, "seconds": round(seconds, 3),
-                         "users_per_second": round(report.users_per_second, 1) if scored else None},
-        })
+        _write_manifest(report, writer, options, sources or {}, chunk_users)
     return report
+
+
+def _check_score_arguments(engine, k, chunk_users, output_format) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= engine.num_items:
+        raise ScoringError(f"k must be an int in [1, {engine.num_items}] (the catalog), got {k!r}")
+    if not isinstance(chunk_users, int) or isinstance(chunk_users, bool) or chunk_users < 1:
+        raise ScoringError(f"chunk_users must be a positive int, got {chunk_users!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ScoringError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+
+
+def _write_manifest(report: ScoreReport, writer: PartWriter, options: dict, sources: dict, chunk_users: int) -> None:
+    """The manifest that marks `report.out` complete, after checking that every part file is there."""
+    out, users, chunks = report.out, report.users, report.parts
+    missing = [index for index in range(chunks) if not writer.path(index).is_file()]
+    if missing:
+        raise ScoringError(f"{len(missing)} part file(s) missing after the run (first: "
+                           f"{writer.path(missing[0]).name}): was another process writing into {out}?")
+    atomic_write_json(out / MANIFEST, {
+        "format": MANIFEST_FORMAT, "complete": True, "options": options, "sources": sources,
+        "columns": {"user": "original user id", "rank": "1 = best", "item": "original item id",
+                    "score": "seed-averaged probability"},
+        "users": users, "rows": report.rows,
+        "parts": [{"file": writer.path(index).name, "users": min(chunk_users, users - index * chunk_users)}
+                  for index in range(chunks)],
+        "last_run": {"processes": report.processes, "scored": report.scored, "resumed": report.resumed,
+                     "seconds": round(report.seconds, 3),
+                     "users_per_second": round(report.users_per_second, 1) if report.scored else None},
+    })

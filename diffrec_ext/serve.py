@@ -2,7 +2,7 @@
 optional extra: `pip install 'diffrec-ext[serve]'`).
 
     POST /recommend  {"history": [item, ...], "k": 10, "exclude_seen": true}
-        -> 200 {"items": [...], "scores": [...], "k": 10, "exclude_seen": true, "algorithm": "alg3", "seeds": 10}
+        -> 200 {"items": [...], "scores": [...], "k": 10, "exclude_seen": true, "algorithm": "alg3", "num_samples": 10, ...}
     POST /recommend  {"histories": [[item, ...], ...], "k": 10}
         -> 200 {"results": [{"items": [...], "scores": [...]}, ...], "k": 10, ...}
     GET  /health     -> 200 {"status": "ok", "model": {...}, "options": {...}, "limits": {...}}
@@ -92,7 +92,7 @@ class ServeLimits:
 class ServeOptions:
     k: int = 10
     exclude_seen: bool = True
-    seeds: int | None = None  # None: the checkpoint's
+    num_samples: int | None = None  # S; None: the checkpoint's
     algorithm: str | None = None  # None: the checkpoint's
     stride: int = 1
 
@@ -207,7 +207,8 @@ def request_models(engine, limits: ServeLimits, options: ServeOptions) -> dict:
         k: int
         exclude_seen: bool
         algorithm: str
-        seeds: int
+        num_samples: int = Field(description="S, the noise draws averaged per history")
+        seeds: int = Field(description="deprecated: the old name of num_samples, same value")
 
     class OneAnswer(Recommendation, Answer):
         pass
@@ -348,7 +349,7 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             ids, scores = self.engine.recommend_dense(
-                histories, k=k, exclude_seen=exclude_seen, seeds=self.options.seeds,
+                histories, k=k, exclude_seen=exclude_seen, num_samples=self.options.num_samples,
                 algorithm=self.options.algorithm, stride=self.options.stride, seed=0)
             answers = (self.engine.original_ids(ids), scores.tolist())
         except Exception as error:  # reported to every waiting request as a 500
@@ -451,12 +452,10 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
     require_serve_extra()
     from fastapi import APIRouter, FastAPI, Request
     from fastapi.responses import JSONResponse, Response
-    from pydantic import ValidationError
-    from starlette.exceptions import HTTPException
 
     limits, options = limits or ServeLimits(), options or ServeOptions()
     check_settings(engine, limits, options)
-    seeds, algorithm = engine.check_options(options.seeds, options.algorithm, options.stride)
+    num_samples, algorithm = engine.check_options(options.num_samples, options.algorithm, options.stride)
     models = request_models(engine, limits, options)
     RecommendRequest, OneAnswer, ManyAnswers = models["request"], models["one"], models["many"]
     metrics = Metrics()
@@ -474,11 +473,65 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
                   description="Top-k next items from a DiffRec (or SASRec) checkpoint. Errors are JSON "
                               "{\"error\": message}.")
     app.state.batcher, app.state.metrics, app.state.engine = batcher, metrics, engine
-    errors = {status: {"model": models["error"], "description": text} for status, text in (
-        (400, "malformed JSON, wrong types or fields"), (408, "the request did not arrive in full in time"),
-        (411, "no body length"), (413, "body over the size limit"), (415, "not application/json"),
-        (422, "well-formed but invalid: empty or too long histories, unknown item ids, k out of range"),
-        (503, "overloaded: retry after the Retry-After seconds"))}
+    errors = {status: {"model": models["error"], "description": text} for status, text in ERROR_ANSWERS}
+    _add_error_handlers(app)
+
+    # The body is read and validated here, with pydantic's JSON parser (`model_validate_json`), rather
+    # than declared as a parameter: FastAPI's path (json.loads, then validation of the Python
+    # objects, then its dependency machinery) measured 25% more CPU per request through the app.
+    # The schema is declared for OpenAPI; the answer models document the answers. The route class
+    # hands the endpoint the Request directly (see _request_route_class).
+    request_body = {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
+    router = APIRouter(route_class=_request_route_class())
+
+    # the route's body limit sits inside _Guard, which answers a declared oversize body first
+    @router.post("/recommend", response_model=OneAnswer | ManyAnswers, responses=errors,
+                 summary="top-k items for one history or several", max_body_size=limits.max_body_bytes,
+                 openapi_extra={"requestBody": request_body})
+    async def recommend(request: Request):
+        body = await _read_request(request, RecommendRequest, models["fields"], limits)
+        if isinstance(body, JSONResponse):
+            return body
+        single = body.history is not None
+        histories = [body.history] if single else body.histories
+        dense = _dense_histories(engine, histories, single, body.k, body.exclude_seen)
+        items, scores = await batcher.recommend(dense, body.k, body.exclude_seen)
+        results = [{"items": row_items, "scores": row_scores} for row_items, row_scores in zip(items, scores)]
+        for result, history in zip(results, histories):
+            if len(history) > window:
+                result["history_used"] = window
+        meta = {"k": body.k, "exclude_seen": body.exclude_seen, "algorithm": algorithm, "num_samples": num_samples,
+                "seeds": num_samples}
+        return JSONResponse({**results[0], **meta} if single else {"results": results, **meta})
+
+    app.include_router(router)
+
+    @app.get("/health", summary="liveness, the model and the settings")
+    async def health():
+        return {"status": "ok", "uptime_s": round(time.time() - started, 3), "model": engine.describe(),
+                "options": asdict(options), "limits": {**asdict(limits), "max_history": limits.max_history or window}}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus():
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
+
+    app.add_middleware(_Guard, limits=limits, metrics=metrics)
+    return app
+
+
+ERROR_ANSWERS = (  # (status, when), for the OpenAPI schema
+    (400, "malformed JSON, wrong types or fields"), (408, "the request did not arrive in full in time"),
+    (411, "no body length"), (413, "body over the size limit"), (415, "not application/json"),
+    (422, "well-formed but invalid: empty or too long histories, unknown item ids, k out of range"),
+    (503, "overloaded: retry after the Retry-After seconds"))
+
+
+def _add_error_handlers(app) -> None:
+    """Every error answer as JSON {"error": message}: the framework's (404 and 405 naming the
+    routes), the request's, the batcher's 503 and, for anything else, a 500 that is logged."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error):
@@ -505,70 +558,46 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
         logger.error("request failed", exc_info=error)
         return JSONResponse({"error": "internal error while ranking; see the server log"}, status_code=500)
 
-    # The body is read and validated here, with pydantic's JSON parser (`model_validate_json`), rather
-    # than declared as a parameter: FastAPI's path (json.loads, then validation of the Python
-    # objects, then its dependency machinery) measured 25% more CPU per request through the app.
-    # The schema is declared for OpenAPI; the answer models document the answers. The route class
-    # hands the endpoint the Request directly (see _request_route_class).
-    request_body = {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
-    router = APIRouter(route_class=_request_route_class())
 
-    # the route's body limit sits inside _Guard, which answers a declared oversize body first
-    @router.post("/recommend", response_model=OneAnswer | ManyAnswers, responses=errors,
-                 summary="top-k items for one history or several", max_body_size=limits.max_body_bytes,
-                 openapi_extra={"requestBody": request_body})
-    async def recommend(request: Request):
+async def _read_request(request, request_model, fields, limits: ServeLimits):
+    """The validated request body, or the JSONResponse that refuses it (413, 400 or 422)."""
+    from fastapi.responses import JSONResponse
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
+
+    try:
+        raw = await request.body()
+    except HTTPException as error:  # the route's count of a chunked body over the limit
+        if error.status_code != 413:
+            raise
+        return JSONResponse({"error": f"body exceeds the limit of {limits.max_body_bytes} bytes"}, status_code=413,
+                            headers={"Connection": "close"})
+    if not raw:
+        return JSONResponse({"error": f"the body is empty: send a JSON object with the fields {fields}"},
+                            status_code=400)
+    try:
+        return request_model.model_validate_json(raw)
+    except ValidationError as error:
+        status, message = validation_answer(error.errors(include_url=False), fields)
+        return JSONResponse({"error": message}, status_code=status)
+
+
+def _dense_histories(engine, histories, single: bool, k: int, exclude_seen: bool) -> list[list[int]]:
+    """The request's histories in dense ids; a 422 RequestError for unknown ids, or for too few
+    items left to rank when the history is excluded."""
+    try:
+        dense = engine.to_dense(histories)
+    except UnknownItemsError as error:
+        name = "history" if single else f"histories[{error.row}]"
+        shown = ", ".join(_short(item) for item in error.unknown[:10]) + (", ..." if len(error.unknown) > 10 else "")
+        raise RequestError(422, f"{name} has {len(error.unknown)} item id(s) the model does not know: {shown}")
+    if exclude_seen:
         try:
-            raw = await request.body()
-        except HTTPException as error:  # the route's count of a chunked body over the limit
-            if error.status_code != 413:
-                raise
-            return JSONResponse({"error": f"body exceeds the limit of {limits.max_body_bytes} bytes"}, status_code=413,
-                                headers={"Connection": "close"})
-        if not raw:
-            return JSONResponse({"error": f"the body is empty: send a JSON object with the fields {models['fields']}"},
-                                status_code=400)
-        try:
-            body = RecommendRequest.model_validate_json(raw)
-        except ValidationError as error:
-            status, message = validation_answer(error.errors(include_url=False), models["fields"])
-            return JSONResponse({"error": message}, status_code=status)
-        single = body.history is not None
-        histories = [body.history] if single else body.histories
-        try:
-            dense = engine.to_dense(histories)
-        except UnknownItemsError as error:
-            name = "history" if single else f"histories[{error.row}]"
-            shown = ", ".join(_short(item) for item in error.unknown[:10]) + (", ..." if len(error.unknown) > 10 else "")
-            raise RequestError(422, f"{name} has {len(error.unknown)} item id(s) the model does not know: {shown}")
-        if body.exclude_seen:
-            try:
-                names = ["history"] if single else [f"histories[{row}]" for row in range(len(dense))]
-                check_room(body.k, engine.num_items, dense, names)
-            except ItemsLeftError as error:
-                raise RequestError(422, str(error)) from None
-        items, scores = await batcher.recommend(dense, body.k, body.exclude_seen)
-        results = [{"items": row_items, "scores": row_scores} for row_items, row_scores in zip(items, scores)]
-        for result, history in zip(results, histories):
-            if len(history) > window:
-                result["history_used"] = window
-        meta = {"k": body.k, "exclude_seen": body.exclude_seen, "algorithm": algorithm, "seeds": seeds}
-        return JSONResponse({**results[0], **meta} if single else {"results": results, **meta})
-
-    app.include_router(router)
-
-    @app.get("/health", summary="liveness, the model and the settings")
-    async def health():
-        return {"status": "ok", "uptime_s": round(time.time() - started, 3), "model": engine.describe(),
-                "options": asdict(options), "limits": {**asdict(limits), "max_history": limits.max_history or window}}
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus():
-        data, content_type = metrics.exposition()
-        return Response(data, media_type=content_type)
-
-    app.add_middleware(_Guard, limits=limits, metrics=metrics)
-    return app
+            names = ["history"] if single else [f"histories[{row}]" for row in range(len(dense))]
+            check_room(k, engine.num_items, dense, names)
+        except ItemsLeftError as error:
+            raise RequestError(422, str(error)) from None
+    return dense
 
 
 def check_settings(engine, limits: ServeLimits, options: ServeOptions) -> None:
@@ -588,8 +617,8 @@ def check_settings(engine, limits: ServeLimits, options: ServeOptions) -> None:
         raise ValueError(f"max_history must be >= 1, got {limits.max_history!r}")
     if not 1 <= options.k <= min(limits.max_k, engine.num_items):
         raise ValueError(f"default k = {options.k} must be in [1, {min(limits.max_k, engine.num_items)}]")
-    # the engine validates seeds, algorithm and stride the same way for every batch: check them once now
-    engine.check_options(options.seeds, options.algorithm, options.stride)
+    # the engine validates num_samples, algorithm and stride the same way for every batch: check them once now
+    engine.check_options(options.num_samples, options.algorithm, options.stride)
 
 
 # ------------------------------------------------------------------------------------- the HTTP protocol
@@ -786,10 +815,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-k", "--k", type=int, default=10, help="default number of items per answer")
     parser.add_argument("--include-seen", action="store_true",
                         help="allow items of the history unless a request says \"exclude_seen\": true")
-    parser.add_argument("--seeds", "--num-samples", dest="seeds", type=int, default=None,
-                        help="seeds S (default: the checkpoint's)")
-    parser.add_argument("--method", "--algorithm", dest="method", choices=["alg3", "alg2"], default=None,
-                        help="alg3: one pass per seed; alg2: the reverse process (default: the checkpoint's)")
+    parser.add_argument("--num-samples", "--seeds", dest="num_samples", type=int, default=None,
+                        help="S, the noise draws averaged per history (default: the checkpoint's; --seeds: the "
+                             "old name)")
+    parser.add_argument("--algorithm", "--method", dest="algorithm", choices=["alg3", "alg2"], default=None,
+                        help="alg3: one pass per draw; alg2: the reverse process (default: the checkpoint's; "
+                             "--method: the old name)")
     parser.add_argument("--stride", type=int, default=1, help="alg2: visit every stride-th step")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_users, help="users per engine batch")
     parser.add_argument("--batch-wait-ms", type=float, default=0.0,
@@ -830,8 +861,8 @@ def cmd_serve(args) -> int:
                          receive_timeout_s=args.receive_timeout, keep_alive_s=args.keep_alive_timeout,
                          request_timeout_s=args.request_timeout, max_connections=args.max_connections,
                          batch_users=args.batch_size, batch_wait_s=args.batch_wait_ms / 1000.0)
-    options = ServeOptions(k=args.k, exclude_seen=not args.include_seen, seeds=args.seeds, algorithm=args.method,
-                           stride=args.stride)
+    options = ServeOptions(k=args.k, exclude_seen=not args.include_seen, num_samples=args.num_samples,
+                           algorithm=args.algorithm, stride=args.stride)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
         server = RecommendServer((args.host, args.port), engine, limits, options, access_log=not args.quiet,

@@ -65,13 +65,14 @@ from torch.utils.data import DistributedSampler
 from . import checkpoint as ckpt
 from . import distributed as dd
 from . import ops
+from ._deprecation import NUM_SAMPLES_RENAME, renamed_keywords
 from .config import ConfigError, TrainConfig, autocast_context, bf16_enabled, resolve_device
 from .data import (SequenceDataset, evaluation_batch, item_popularity, training_sequences,
                    training_target_count)
 from .engine import InferenceEngine
 from .inference import shard_users
 from .metrics import KS, popularity_ranks, ranking_metrics
-from .model import DSR, build_model
+from .model import DSR, build_model, embedding_statistics
 from .sampler import LossSecondMomentSampler
 
 
@@ -88,8 +89,9 @@ def dataset_fingerprint(dataset: SequenceDataset) -> dict[str, Any]:
 # Evaluation
 
 
-def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seeds: int = 10,
-             method: str = "alg3", exclude_seen: bool = True, seed: int = 0, stride: int = 1,
+@renamed_keywords(method="algorithm", **NUM_SAMPLES_RENAME)
+def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, num_samples: int = 10,
+             algorithm: str = "alg3", exclude_seen: bool = True, seed: int = 0, stride: int = 1,
              batch_size: int = 256, ks=KS, progress: bool = False, bf16: bool = False,
              sharded: bool = False) -> dict[str, float]:
     """HR@K / NDCG@K of full ranking on a leave-one-out split, averaged over users. `bf16`: autocast
@@ -107,7 +109,7 @@ def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, seed
                              cuda_graphs=False)
     with autocast_context(device, bf16):
         ranks = engine.target_ranks(
-            batch.histories, batch.targets, exclude_seen=exclude_seen, seeds=seeds, algorithm=method, seed=seed,
+            batch.histories, batch.targets, exclude_seen=exclude_seen, num_samples=num_samples, algorithm=algorithm, seed=seed,
             stride=stride, seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
             shard=(rank, world_size),
         )
@@ -376,7 +378,7 @@ class Trainer:
             self.loss_module = DistributedDataParallel(
                 self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
         self.item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
-        self.eval_options = dict(seeds=config.seeds, method=config.inference, exclude_seen=config.eval_exclude_seen,
+        self.eval_options = dict(num_samples=config.num_samples, algorithm=config.inference, exclude_seen=config.eval_exclude_seen,
                                  seed=config.seed, batch_size=config.eval_batch_size, bf16=self.bf16,
                                  sharded=replicas.size > 1)
 
@@ -453,9 +455,7 @@ class Trainer:
         record = {
             "epoch": epoch, **{key: value / num_batches for key, value in totals.items()},
             "coverage": epoch_targets / self.all_targets, "targets_per_s": round(epoch_targets / train_seconds, 1),
-            "valid": valid, "item_emb_norm": model.item_embedding_norm(),
-            "item_emb_cos": model.item_embedding_cosine(),
-            "out_weight_norm": model.output_weight_norm(),
+            "valid": valid, **embedding_statistics(model),
             "sampler_warm": bool(self.sampler.warmed_up()) if self.sampler is not None else None,
             "best_epoch": state.best_epoch, "train_seconds": round(train_seconds, 3),
             "seconds": round(time.perf_counter() - started, 3),

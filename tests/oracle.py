@@ -9,7 +9,7 @@ from diffrec_ext.inference import inference_input, predict_h0
 
 
 @torch.no_grad()
-def reference_recommend(model, histories, k, exclude_seen=True, seeds=10, algorithm="alg3", seed=0, stride=1,
+def reference_recommend(model, histories, k, exclude_seen=True, num_samples=10, algorithm="alg3", seed=0, stride=1,
                         batch_size=256):
     """(ids [B, k] int64, scores [B, k] float32) for dense-id histories, in their order."""
     model.eval()
@@ -18,7 +18,7 @@ def reference_recommend(model, histories, k, exclude_seen=True, seeds=10, algori
     ids_out, scores_out = [], []
     for start in range(0, len(histories), batch_size):
         chunk = [[int(i) for i in history if int(i) > 0] for history in histories[start:start + batch_size]]
-        hidden = predict_h0(model, inference_input(model, chunk), seeds, algorithm, generator, stride)
+        hidden = predict_h0(model, inference_input(model, chunk), num_samples, algorithm, generator, stride)
         logits = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
         probs = torch.softmax(logits, dim=-1).mean(dim=1)
         probs[:, 0] = float("-inf")

@@ -9,7 +9,7 @@ from diffrec_ext import cli
 from diffrec_ext.synthetic import write_synthetic
 
 COMMANDS = ["demo", "prepare", "download", "train", "evaluate", "recommend", "serve"]
-TINY_FLAGS = ["--dim", "16", "--layers", "1", "--heads", "2", "--max-len", "8", "--num-steps", "20", "--seeds", "2",
+TINY_FLAGS = ["--dim", "16", "--layers", "1", "--heads", "2", "--max-len", "8", "--num-steps", "20", "--num-samples", "2",
               "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--quiet"]
 
 
@@ -78,7 +78,7 @@ def test_evaluate_via_cli(trained_run, capsys, tmp_path):
     data = json.loads(report.read_text())
     assert set(data) == {"valid", "test"} and "NDCG@10" in data["test"]["diffrec"]
     code, out, _ = run(capsys, "evaluate", "--checkpoint", str(trained_run), "--method", "alg2", "--stride", "5",
-                       "--seeds", "1", "--device", "cpu", "--quiet")
+                       "--num-samples", "1", "--device", "cpu", "--quiet")
     assert code == 0 and "alg2" in out
 
 
@@ -155,7 +155,7 @@ def test_download_calls_the_downloader(monkeypatch, tmp_path, capsys):
 
 def test_demo_runs_end_to_end_on_tiny_settings(monkeypatch, capsys):
     monkeypatch.setattr(cli, "DEMO_DEFAULTS", {**cli.DEMO_DEFAULTS, "dim": 16, "layers": 1, "num_steps": 20,
-                                               "seeds": 2})
+                                               "num_samples": 2})
     code, out, _ = run(capsys, "demo", "--epochs", "1", "--quiet", "--device", "cpu")
     assert code == 0
     for name in ("popularity", "SASRec", "DiffRec", "HR@5", "NDCG@20", "x popularity"):
@@ -181,7 +181,7 @@ def test_evaluate_reproduces_a_bf16_runs_test_metrics(tiny_file, tmp_path, capsy
     # the check has teeth: the same checkpoint ranked in float32 gives other numbers
     model, config = load_model(run_dir)[:2]
     dataset = load_dataset(tiny_file, k_core=2)
-    float32 = evaluate(model, dataset, "test", seeds=config.seeds, method=config.inference,
+    float32 = evaluate(model, dataset, "test", num_samples=config.num_samples, algorithm=config.inference,
                        exclude_seen=config.eval_exclude_seen, seed=config.seed,
                        batch_size=config.eval_batch_size, bf16=False)
     assert float32 != recorded

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD_SIZE = 2
-BASE = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=10, seeds=2, batch_size=16, epochs=2, dropout=0.0,
+BASE = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=10, num_samples=2, batch_size=16, epochs=2, dropout=0.0,
             eval_batch_size=16, device="cpu", bf16="off")  # float32: bf16 rounding differs with the batch split
 # tiny_dataset: 180 prefix rows (12 combined batches, the last of 4 rows), 50 windows of stride 3 (4
 # batches, the last of 2; a step drawn per window position); 50 evaluation users in batches of 16
@@ -149,7 +149,7 @@ def test_the_key_bias_difference_does_not_reach_the_predictions(two_processes, o
     batch = evaluation_batch(dataset, "test", RUNS[name].max_len - 1)
     ids = inference_input(one, torch.from_numpy(batch.histories))
     noise = torch.randn(ids.shape[0], 2, 1, RUNS[name].dim, generator=torch.Generator().manual_seed(0))
-    predictions = [predict_h0(model.eval(), ids, seeds=2, noise=noise) for model in (two, one)]
+    predictions = [predict_h0(model.eval(), ids, num_samples=2, noise=noise) for model in (two, one)]
     torch.testing.assert_close(*predictions, atol=1e-4, rtol=1e-4)
 
 
@@ -183,7 +183,7 @@ def test_checkpoint_of_two_processes_loads_in_one_process(two_processes, dataset
     for key, tensor in model.state_dict().items():  # the best epoch's weights, which were tested
         assert torch.equal(tensor, first["prefix"]["weights"][key]), key
     # one process ranks the test users exactly as the two processes did, sharded over users
-    metrics = evaluate(model, dataset, "test", seeds=config.seeds, seed=config.seed, batch_size=config.eval_batch_size)
+    metrics = evaluate(model, dataset, "test", num_samples=config.num_samples, seed=config.seed, batch_size=config.eval_batch_size)
     assert metrics == first["prefix"]["test"]
 
 

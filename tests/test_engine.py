@@ -39,7 +39,7 @@ def model_ids(model, histories):
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    config = TrainConfig(dim=16, layers=2, heads=2, max_len=9, num_steps=20, dropout=0.0, seeds=4)
+    config = TrainConfig(dim=16, layers=2, heads=2, max_len=9, num_steps=20, dropout=0.0, num_samples=4)
     torch.manual_seed(3)
     model = build_model(config, 40)
     items = [f"item-{100 + i}" for i in range(40)]  # original ids differ from dense ids
@@ -60,8 +60,8 @@ def test_alg3_predictions_equal_the_model(engine_class, overrides):
         assert engine.shares_history == model.causal
     seeds = 1 if model.kind == "sasrec" else 3
     noise = torch.randn(len(HISTORIES), seeds, model.noised_positions, model.dim)
-    expected = inference.predict_h0(model, model_ids(model, HISTORIES), seeds=seeds, noise=noise)
-    ours = engine.predict_h0(HISTORIES, seeds=seeds, algorithm="alg3", noise=noise)
+    expected = inference.predict_h0(model, model_ids(model, HISTORIES), num_samples=seeds, noise=noise)
+    ours = engine.predict_h0(HISTORIES, num_samples=seeds, algorithm="alg3", noise=noise)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -71,8 +71,8 @@ def test_short_histories_are_trimmed_exactly():
     engine = InferenceEngine(model)
     assert engine._batch_length(engine._dense_arrays(short)) == 4
     noise = torch.randn(3, 2, 1, model.dim)
-    expected = inference.predict_h0(model, model_ids(model, short), seeds=2, noise=noise)
-    torch.testing.assert_close(engine.predict_h0(short, seeds=2, algorithm="alg3", noise=noise), expected,
+    expected = inference.predict_h0(model, model_ids(model, short), num_samples=2, noise=noise)
+    torch.testing.assert_close(engine.predict_h0(short, num_samples=2, algorithm="alg3", noise=noise), expected,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -85,9 +85,9 @@ def test_recommend_equals_the_model_scoring(scoring, algorithm, stride, exclude_
     model = tiny_model()
     engine = InferenceEngine(model, batch_size=2, sort_by_length=False, scoring=scoring,
                              scoring_memory_bytes=3 * 41 * 4)  # user chunks of one user
-    expected_ids, expected_scores = reference_recommend(model, HISTORIES, k=7, exclude_seen=exclude_seen, seeds=3,
+    expected_ids, expected_scores = reference_recommend(model, HISTORIES, k=7, exclude_seen=exclude_seen, num_samples=3,
                                                         algorithm=algorithm, stride=stride, seed=5, batch_size=2)
-    ids, scores = engine.recommend_dense(HISTORIES, k=7, exclude_seen=exclude_seen, seeds=3, algorithm=algorithm,
+    ids, scores = engine.recommend_dense(HISTORIES, k=7, exclude_seen=exclude_seen, num_samples=3, algorithm=algorithm,
                                          stride=stride, seed=5)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-7)
     assert torch.equal(ids, expected_ids)
@@ -98,8 +98,8 @@ def test_eager_engine_ranks_like_the_fused_engine():
     fused = InferenceEngine(model, batch_size=2, sort_by_length=False)
     eager = EagerEngine(model, batch_size=2)
     for algorithm in ("alg3", "alg2"):
-        a = fused.recommend_dense(HISTORIES, k=5, seeds=3, algorithm=algorithm, stride=4, seed=1)
-        b = eager.recommend_dense(HISTORIES, k=5, seeds=3, algorithm=algorithm, stride=4, seed=1)
+        a = fused.recommend_dense(HISTORIES, k=5, num_samples=3, algorithm=algorithm, stride=4, seed=1)
+        b = eager.recommend_dense(HISTORIES, k=5, num_samples=3, algorithm=algorithm, stride=4, seed=1)
         assert torch.equal(a[0], b[0])
         torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-7)
 
@@ -151,7 +151,7 @@ def test_alg2_equals_a_plain_loop(engine_class, stride, input_scale):
     noise = torch.randn(len(visited), len(HISTORIES), 3, model.dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = plain_reverse(model, HISTORIES, 3, noise.reshape(len(visited), -1, model.dim), visited)
-    ours = engine_class(model).predict_h0(HISTORIES, seeds=3, algorithm="alg2", stride=stride, noise=noise)
+    ours = engine_class(model).predict_h0(HISTORIES, num_samples=3, algorithm="alg2", stride=stride, noise=noise)
     torch.testing.assert_close(ours, plain.reshape(len(HISTORIES), 3, -1), rtol=1e-4, atol=1e-4)
 
 
@@ -163,9 +163,9 @@ def test_alg2_with_the_step_embedding_on_the_target_equals_the_model(engine_clas
     model = tiny_model(step_embedding="target", input_scale=0.5)
     visited = inference.reverse_steps(model.num_steps, stride)
     noise = torch.randn(len(visited), len(HISTORIES), 3, model.dim, generator=torch.Generator().manual_seed(4))
-    expected = inference.predict_h0(model, model_ids(model, HISTORIES), seeds=3, method="alg2", stride=stride,
+    expected = inference.predict_h0(model, model_ids(model, HISTORIES), num_samples=3, method="alg2", stride=stride,
                                     noise=noise)
-    ours = engine_class(model).predict_h0(HISTORIES, seeds=3, algorithm="alg2", stride=stride, noise=noise)
+    ours = engine_class(model).predict_h0(HISTORIES, num_samples=3, algorithm="alg2", stride=stride, noise=noise)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -179,11 +179,11 @@ def test_exclude_seen_never_returns_a_seen_item(scoring, algorithm):
         model.out.bias[1:14] = 40.0
     engines = [InferenceEngine(model, batch_size=2, scoring=scoring), EagerEngine(model, batch_size=2)]
     for engine in engines:
-        ids, scores = engine.recommend_dense(HISTORIES, k=20, seeds=2, algorithm=algorithm, stride=5)
+        ids, scores = engine.recommend_dense(HISTORIES, k=20, num_samples=2, algorithm=algorithm, stride=5)
         for row, history in zip(ids.tolist(), HISTORIES):
             assert 0 not in row and not set(row) & set(history) and len(set(row)) == 20
         assert (scores[:, :-1] >= scores[:, 1:]).all()
-        ids, _ = engine.recommend_dense(HISTORIES, k=5, exclude_seen=False, seeds=2, algorithm=algorithm, stride=5)
+        ids, _ = engine.recommend_dense(HISTORIES, k=5, exclude_seen=False, num_samples=2, algorithm=algorithm, stride=5)
         assert 0 not in ids.flatten().tolist() and set(ids.flatten().tolist()) <= set(range(1, 14))
 
 
@@ -202,7 +202,7 @@ def test_results_come_back_in_input_order_across_sorted_batches():
 
 def test_checkpoint_engine_speaks_original_ids(checkpoint_dir):
     engine = InferenceEngine.from_checkpoint(checkpoint_dir, device="cpu")
-    assert engine.default_seeds == 4 and engine.describe()["num_items"] == 40
+    assert engine.default_num_samples == 4 and engine.describe()["num_items"] == 40
     rec = Recommender.from_checkpoint(checkpoint_dir)
     history = ["item-103", "item-110", "item-111"]
     top = engine.recommend([history, []], k=5)
@@ -210,18 +210,34 @@ def test_checkpoint_engine_speaks_original_ids(checkpoint_dir):
     assert not set(top.items[0]) & set(history)
     dense, unknown = rec.to_dense(history)
     assert not unknown
-    ids, scores = reference_recommend(rec.model, [dense, []], k=5, seeds=4)
+    ids, scores = reference_recommend(rec.model, [dense, []], k=5, num_samples=4)
     assert top.items == [[rec.item_ids[i - 1] for i in row] for row in ids.tolist()]
     torch.testing.assert_close(top.scores, scores, rtol=1e-5, atol=1e-7)
     with pytest.raises(UnknownItemsError, match="history 1: 1 unknown item id.*'nope'"):
         engine.recommend([history, ["item-100", "nope"]])
 
 
+def test_seeds_is_a_deprecated_spelling_of_num_samples(checkpoint_dir):
+    engine = InferenceEngine.from_checkpoint(checkpoint_dir, device="cpu")
+    rec = Recommender.from_checkpoint(checkpoint_dir)
+    histories = [[1, 2, 3], [4]]
+    with pytest.warns(DeprecationWarning, match="'seeds' is deprecated, use 'num_samples'"):
+        old = engine.recommend_dense(histories, k=5, seeds=2, seed=3)
+    new = engine.recommend_dense(histories, k=5, num_samples=2, seed=3)
+    assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])
+    assert not torch.equal(new[1], engine.recommend_dense(histories, k=5, num_samples=3, seed=3)[1])
+    with pytest.warns(DeprecationWarning, match="'method' is deprecated, use 'algorithm'"):
+        assert rec.recommend_dense(histories, k=5, method="alg3", num_samples=2, seed=3) == rec.recommend_dense(
+            histories, k=5, algorithm="alg3", num_samples=2, seed=3)
+    with pytest.raises(TypeError, match="both 'seeds' \\(deprecated\\) and 'num_samples'"):
+        engine.target_ranks(histories, [5, 6], seeds=2, num_samples=2)
+
+
 @pytest.mark.parametrize("call, message", [
     (dict(k=0), "k must be an int in"),
     (dict(k=41), "k must be an int in"),
     (dict(k=38), "exceeds the 37 items left"),
-    (dict(seeds=0), "seeds must be a positive int"),
+    (dict(num_samples=0), "num_samples must be a positive int"),
     (dict(algorithm="ddim"), "algorithm must be one of"),
     (dict(algorithm="alg2", stride=0), "stride must be an int"),
     (dict(histories=[[1, 41]]), r"histories\[0\]\[1\] = 41 is out of range: dense item ids lie in \[1, 40\]"),
@@ -247,7 +263,7 @@ def test_empty_call_and_bad_construction():
     with pytest.raises(ValueError, match="scoring must be one of"):
         InferenceEngine(model, scoring="fast")
     with pytest.raises(ValueError, match="noise must have shape"):
-        InferenceEngine(model).predict_h0([[1]], seeds=2, algorithm="alg3", noise=torch.zeros(1, 3, 1, 16))
+        InferenceEngine(model).predict_h0([[1]], num_samples=2, algorithm="alg3", noise=torch.zeros(1, 3, 1, 16))
 
 
 # ------------------------------------------------------------------------------------------ benchmark
@@ -277,7 +293,7 @@ def test_stride_quality_of_a_checkpoint(tmp_path):
     from diffrec_ext.synthetic import synthetic_dataset
 
     dataset = synthetic_dataset(num_users=40, num_items=30, num_clusters=3, min_length=5, max_length=9)
-    config = TrainConfig(dim=16, layers=1, heads=2, max_len=9, num_steps=20, dropout=0.0, seeds=2)
+    config = TrainConfig(dim=16, layers=1, heads=2, max_len=9, num_steps=20, dropout=0.0, num_samples=2)
     torch.manual_seed(0)
     directory = ckpt.save_model(tmp_path / "ckpt", build_model(config, dataset.num_items), config.to_dict(),
                                 list(range(dataset.num_items)), {"data": {"path": "synthetic", "k_core": 5}})
@@ -318,15 +334,15 @@ def test_graph_captured_loop_equals_uncaptured(dtype, algorithm, stride):
     # the same kernels in the same order: equal up to a library picking another algorithm in capture
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for _ in range(2):  # the second call replays the captured graph
-        a = captured.predict_h0(histories, seeds=3, algorithm=algorithm, stride=stride, noise=noise)
-        b = eager.predict_h0(histories, seeds=3, algorithm=algorithm, stride=stride, noise=noise)
+        a = captured.predict_h0(histories, num_samples=3, algorithm=algorithm, stride=stride, noise=noise)
+        b = eager.predict_h0(histories, num_samples=3, algorithm=algorithm, stride=stride, noise=noise)
         torch.testing.assert_close(a, b, **tolerance)
         assert not torch.isnan(a).any()
-    ranked_a = captured.recommend_dense(histories, k=10, seeds=3, algorithm=algorithm, stride=stride, seed=4)
-    ranked_b = eager.recommend_dense(histories, k=10, seeds=3, algorithm=algorithm, stride=stride, seed=4)
+    ranked_a = captured.recommend_dense(histories, k=10, num_samples=3, algorithm=algorithm, stride=stride, seed=4)
+    ranked_b = eager.recommend_dense(histories, k=10, num_samples=3, algorithm=algorithm, stride=stride, seed=4)
     torch.testing.assert_close(ranked_a[1], ranked_b[1], **tolerance)
     if dtype == torch.float32:  # the CPU float32 engine computes the same thing
-        cpu = InferenceEngine(model, device="cpu").predict_h0(histories, seeds=3, algorithm=algorithm,
+        cpu = InferenceEngine(model, device="cpu").predict_h0(histories, num_samples=3, algorithm=algorithm,
                                                               stride=stride, noise=noise)
         torch.testing.assert_close(a, cpu, rtol=1e-3, atol=1e-3)
     else:
@@ -340,9 +356,9 @@ def test_cuda_engine_many_batches_and_exclusion():
     rng = np.random.default_rng(1)
     histories = [rng.integers(1, 501, int(rng.integers(1, 20))).tolist() for _ in range(70)]
     engine = InferenceEngine(model, device="cuda", batch_size=16)
-    ids, scores = engine.recommend_dense(histories, k=25, seeds=4)
+    ids, scores = engine.recommend_dense(histories, k=25, num_samples=4)
     reference_ids, _ = InferenceEngine(model, device="cuda", batch_size=16, cuda_graphs=False).recommend_dense(
-        histories, k=25, seeds=4)
+        histories, k=25, num_samples=4)
     assert torch.equal(ids, reference_ids)
     for row, history in zip(ids.tolist(), histories):
         assert 0 not in row and not set(row) & set(history)

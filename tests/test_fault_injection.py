@@ -41,7 +41,7 @@ from diffrec_ext.train import TrainConfig, build_model, evaluate, train
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 train_module = sys.modules["diffrec_ext.train"]  # the package exports a function of the same name
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, dropout=0.1, device="cpu")
+TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, num_samples=2, batch_size=32, dropout=0.1, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_no_pickle_is_ever_loaded(straight, dataset, tmp_path, monkeypatch, caps
     monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
 
     model, config, items, _ = ckpt.load_model(copy)
-    assert evaluate(model, dataset, "test", seeds=config.seeds, seed=config.seed) == reference["test"]
+    assert evaluate(model, dataset, "test", num_samples=config.num_samples, seed=config.seed) == reference["test"]
     assert len(Recommender.from_checkpoint(copy).recommend([items[0], items[1]], k=3)) == 3
     resumed = train(config.replace(epochs=4), dataset, copy, resume=True, progress=False, log=None)
     assert resumed["epochs_run"] == 4  # the optimizer, sampler and RNG state came back from safetensors + JSON
@@ -394,7 +394,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     rows = [(u, int(i), t) for u in range(120) for t, i in enumerate(rng.integers(1, 80, int(rng.integers(5, 15))))]
     dataset = preprocess(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), "mem", k_core=1)
-    config = TrainConfig(dim=32, layers=1, heads=2, max_len=12, num_steps=50, seeds=4, batch_size=64, epochs=20,
+    config = TrainConfig(dim=32, layers=1, heads=2, max_len=12, num_steps=50, num_samples=4, batch_size=64, epochs=20,
                          dropout=0.1, device="cpu")
     torch.manual_seed(0)
     model = build_model(config, dataset.num_items).eval()
@@ -403,9 +403,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     for batch in range(300):
         histories = torch.from_numpy(rng.integers(0, dataset.num_items + 1, (32, 11)))  # 0 = padding
         if batch % 2:
-            engine.recommend_dense(histories, k=10, seeds=4, seed=batch)
+            engine.recommend_dense(histories, k=10, num_samples=4, seed=batch)
         else:
-            engine.target_ranks(histories, rng.integers(1, dataset.num_items + 1, 32), seeds=4)
+            engine.target_ranks(histories, rng.integers(1, dataset.num_items + 1, 32), num_samples=4)
         if batch % 10 == 9:
             sample(inference)
     training = []

@@ -228,7 +228,7 @@ def test_alg2_equals_plain_loop(stride, input_scale):
     visited = reverse_steps(model.num_steps, stride)
     assert visited[0] == 20 and visited[-1] >= 1 and len(visited) == math.ceil(20 / stride)
     noise = torch.randn(len(visited), 2, 3, 16, generator=torch.Generator().manual_seed(1))
-    ours = predict_h0(model, ids, seeds=3, method="alg2", stride=stride, noise=noise)
+    ours = predict_h0(model, ids, num_samples=3, method="alg2", stride=stride, noise=noise)
     with torch.no_grad():
         plain = plain_reverse(model, ids, 3, noise, visited)
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
@@ -246,8 +246,8 @@ def test_strided_posterior_matches_tables_and_single_step_is_alg3():
         np.testing.assert_allclose(general, expected, rtol=1e-9)
     ids = model.build_input(torch.tensor([[0, 0, 3, 4, 5, 6, 7]]))
     eps = torch.randn(1, 1, 4, 16)
-    alg2 = predict_h0(model, ids, seeds=4, method="alg2", stride=20, noise=eps.permute(0, 1, 2, 3).reshape(1, 1, 4, 16))
-    alg3 = predict_h0(model, ids, seeds=4, method="alg3", noise=eps.reshape(1, 4, 1, 16))
+    alg2 = predict_h0(model, ids, num_samples=4, method="alg2", stride=20, noise=eps.permute(0, 1, 2, 3).reshape(1, 1, 4, 16))
+    alg3 = predict_h0(model, ids, num_samples=4, method="alg3", noise=eps.reshape(1, 4, 1, 16))
     torch.testing.assert_close(alg2, alg3, rtol=1e-4, atol=1e-4)
 
 
@@ -258,12 +258,12 @@ def test_exclude_seen_never_returns_seen_items_or_padding():
         model.out.bias[1:8] = 40.0
     histories = [[1, 2, 3, 4, 5], [6, 7, 1], []]
     engine = InferenceEngine(model)
-    ids, scores = engine.recommend_dense(histories, k=20, exclude_seen=True, seeds=3)
+    ids, scores = engine.recommend_dense(histories, k=20, exclude_seen=True, num_samples=3)
     assert ids.shape == (3, 20) and scores.shape == (3, 20)
     for row, history in zip(ids.tolist(), histories):
         assert 0 not in row and not set(row) & set(history) and len(set(row)) == 20
     assert (scores[:, :-1] >= scores[:, 1:]).all()
-    ids, _ = engine.recommend_dense(histories, k=5, exclude_seen=False, seeds=3)
+    ids, _ = engine.recommend_dense(histories, k=5, exclude_seen=False, num_samples=3)
     assert 0 not in ids.flatten().tolist() and set(ids[0].tolist()) <= set(range(1, 8))
     with pytest.raises(ValueError):
         engine.recommend_dense(histories, k=28, exclude_seen=True)
@@ -274,7 +274,7 @@ def test_target_ranks_match_dense_ranking(exclude_seen):
     model = tiny_model("sasrec")
     histories = torch.tensor([[0, 0, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 0, 3]])
     targets = torch.tensor([5, 2, 3])
-    ranks = InferenceEngine(model).target_ranks(histories, targets, exclude_seen=exclude_seen, seeds=1)
+    ranks = InferenceEngine(model).target_ranks(histories, targets, exclude_seen=exclude_seen, num_samples=1)
     with torch.no_grad():
         logits = torch.nn.functional.linear(model(model.build_input(histories)), *model.item_layer())
     for row in range(3):
@@ -287,7 +287,7 @@ def test_target_ranks_match_dense_ranking(exclude_seen):
 
 # ------------------------------------------------------------------------------------------ checkpoint
 def test_checkpoint_round_trip_identical_outputs(tmp_path):
-    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, seeds=2, device="cpu")
+    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, num_samples=2, device="cpu")
     torch.manual_seed(0)
     model = build_model(config, 30).eval()
     items = [f"item-{i}" for i in range(1, 31)]
@@ -333,12 +333,12 @@ def test_editable_config_fields_load_and_architecture_fields_are_checked(tmp_pat
     editing any other field is refused (issue 16)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(ckpt.EDITABLE_FIELDS) <= fields
-    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, seeds=2, device="cpu")
+    config = TrainConfig(dim=16, max_len=8, num_steps=20, dropout=0.0, num_samples=2, device="cpu")
     directory = ckpt.save_model(tmp_path / "ck", build_model(config, 30), config.to_dict(), list(range(30)))
     meta = json.loads((directory / "config.json").read_text())
-    meta["config"].update(seeds=7, inference="alg2", seed=3, dropout=0.1)
+    meta["config"].update(num_samples=7, inference="alg2", seed=3, dropout=0.1)
     (directory / "config.json").write_text(json.dumps(meta))
-    assert ckpt.load_model(directory)[1].seeds == 7
+    assert ckpt.load_model(directory)[1].num_samples == 7
     meta["config"]["emb_scale"] = 10.0  # no tensor shape shows it
     (directory / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ckpt.CheckpointError, match="emb_scale = 10.0, but model.safetensors was saved with emb_scale = 50.0"):

@@ -31,7 +31,7 @@ from diffrec_ext.train import TrainConfig, build_model  # noqa: E402
 
 NUM_ITEMS = 40
 ITEM_IDS = [f"item-{100 + i}" for i in range(NUM_ITEMS)]  # original ids differ from dense ids
-CONFIG = TrainConfig(dim=16, layers=2, heads=2, max_len=9, num_steps=20, dropout=0.0, seeds=4)
+CONFIG = TrainConfig(dim=16, layers=2, heads=2, max_len=9, num_steps=20, dropout=0.0, num_samples=4)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -127,10 +127,10 @@ def test_rows_equal_the_engine_for_the_same_users_and_seeds(tmp_path, engine, in
 def test_options_reach_the_engine(tmp_path, engine):
     histories = random_histories(30, seed=1)
     source = scoring.HistoryFile(write_histories(tmp_path / "h.jsonl", histories))
-    scoring.score(engine, source, tmp_path / "out", k=4, chunk_users=30, exclude_seen=False, seeds=2,
+    scoring.score(engine, source, tmp_path / "out", k=4, chunk_users=30, exclude_seen=False, num_samples=2,
                   algorithm="alg2", stride=5, progress=False)
     got = read_scores(tmp_path / "out")
-    top = engine.recommend(list(histories.values()), k=4, exclude_seen=False, seeds=2, algorithm="alg2", stride=5,
+    top = engine.recommend(list(histories.values()), k=4, exclude_seen=False, num_samples=2, algorithm="alg2", stride=5,
                            seed=batch_seed(0, 0))
     assert got["item"].tolist() == [item for row in top.items for item in row]
     np.testing.assert_allclose(got["score"].to_numpy(), top.scores.reshape(-1).numpy(), rtol=1e-6)
@@ -149,7 +149,7 @@ def test_every_user_of_a_dataset_through_the_command(tmp_path):
     """`diffrec score --data synthetic` (the built-in default, 2,500 users): one row per (user, rank)
     in original ids, each user's own history excluded."""
     dataset = synthetic_dataset(seed=0)
-    config = TrainConfig(dim=16, layers=1, heads=2, max_len=20, num_steps=20, dropout=0.0, seeds=2)
+    config = TrainConfig(dim=16, layers=1, heads=2, max_len=20, num_steps=20, dropout=0.0, num_samples=2)
     checkpoint = save_checkpoint(tmp_path / "ckpt", list(dataset.item_original_ids[1:]), config=config)
     result = subprocess.run([sys.executable, "-m", "diffrec_ext", "score", "--checkpoint", str(checkpoint), "--data",
                              "synthetic", "--out", str(tmp_path / "recs.parquet"), "-k", "5", "--threads", "1",

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
-    config = TrainConfig(dim=16, layers=2, heads=2, max_len=WINDOW + 1, num_steps=20, dropout=0.0, seeds=4)
+    config = TrainConfig(dim=16, layers=2, heads=2, max_len=WINDOW + 1, num_steps=20, dropout=0.0, num_samples=4)
     torch.manual_seed(0)
     model = build_model(config, NUM_ITEMS)
     return ckpt.save_model(tmp_path_factory.mktemp("serve-ckpt"), model, config.to_dict(), ITEM_IDS)
@@ -102,7 +102,7 @@ def test_recommend_one_history(server, engine):
     assert len(payload["items"]) == 7 and len(payload["scores"]) == 7
     assert not set(payload["items"]) & set(history)
     assert payload["scores"] == sorted(payload["scores"], reverse=True)
-    assert payload["k"] == 7 and payload["seeds"] == 4 and payload["algorithm"] == "alg3"
+    assert payload["k"] == 7 and payload["num_samples"] == payload["seeds"] == 4 and payload["algorithm"] == "alg3"
     assert "history_used" not in payload
     direct = engine.recommend([history], k=7, seed=0)  # a lone request is one engine batch drawn from seed 0
     assert payload["items"] == direct.items[0]

@@ -11,7 +11,7 @@ from diffrec_ext import checkpoint as ckpt
 from diffrec_ext.data import training_sequences
 from diffrec_ext.train import ConfigError, TrainConfig, _Replicas, _train_step, _TrainingLoss, build_model, train
 
-TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, seeds=2, batch_size=32, epochs=2,
+TINY = dict(dim=16, layers=1, heads=2, max_len=8, num_steps=20, num_samples=2, batch_size=32, epochs=2,
             dropout=0.1, device="cpu")
 
 
@@ -73,6 +73,15 @@ def test_training_steps_at_the_scheduled_lr(dataset, tmp_path):
     last_lr = state["optimizer"]["param_groups"][0]["lr"]  # the lr of the last step taken
     assert last_lr == pytest.approx(config.learning_rate(config.epochs, batches - 1, batches), rel=1e-12)
     assert 0 < last_lr < config.lr / 2
+
+
+def test_config_reads_the_old_name_of_num_samples():
+    """Checkpoints and config files written before the rename hold "seeds"."""
+    old = {**TrainConfig(**TINY).to_dict(), "seeds": 7}
+    del old["num_samples"]
+    assert TrainConfig.from_dict(old).num_samples == 7
+    with pytest.raises(ConfigError, match=r"unknown config keys \['seeds'\]"):  # both spellings: not guessed
+        TrainConfig.from_dict({**old, "num_samples": 3})
 
 
 def test_config_dict_round_trip_and_unknown_keys():
