@@ -58,8 +58,8 @@ BEST_POINTER = "best.json"
 # change what the weights compute. Every other field, and num_items, is architecture.
 EDITABLE_FIELDS = ("dropout", "attn_dropout", "mse_weight", "importance_sampling", "importance_loss", "num_samples",
                    "inference", "eval_exclude_seen", "eval_batch_size", "lr", "lr_schedule", "weight_decay",
-                   "batch_size", "epochs", "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip", "seed",
-                   "device", "bf16")
+                   "batch_size", "epochs", "mode", "window_stride", "samples_per_epoch", "patience", "grad_clip",
+                   "seed", "device", "bf16")
 RECORDED_BY = {MODEL_FILE: CONFIG_FILE, STATE_TENSORS_FILE: STATE_FILE}  # tensor file -> JSON with its sha256
 
 

@@ -588,7 +588,8 @@ def cmd_score(args) -> int:
             output_format = "csv" if Path(args.out).name.lower().endswith(".csv") else "parquet"
         report = scoring.score(
             engine, source, args.out, k=args.k, exclude_seen=True if args.exclude_seen is None else args.exclude_seen,
-            num_samples=args.num_samples, algorithm=args.algorithm, stride=args.stride, seed=_seed(args, engine.config), chunk_users=args.chunk_users,
+            num_samples=args.num_samples, algorithm=args.algorithm, stride=args.stride, seed=_seed(args, engine.config),
+            chunk_users=args.chunk_users,
             output_format=output_format, identity=identity, sources=sources, progress=not args.quiet)
     except (scoring.ScoringError, DataFormatError, ValueError) as error:
         raise CLIError(str(error)) from None

@@ -467,7 +467,8 @@ class EngineInputs:
         return num_samples, algorithm
 
     @renamed_keywords(**NUM_SAMPLES_RENAME)
-    def check_options(self, num_samples: int | None = None, algorithm: str | None = None, stride: int = 1) -> tuple[int, str]:
+    def check_options(self, num_samples: int | None = None, algorithm: str | None = None,
+                      stride: int = 1) -> tuple[int, str]:
         """(num_samples, algorithm) as a call would use them; ValueError for a bad num_samples, algorithm or
         stride. SASRec models always run one deterministic pass: (1, "alg3")."""
         return self._options(num_samples, algorithm, stride)
@@ -605,8 +606,8 @@ class EngineBase(EngineInputs):
                   num_samples: int | None = None, algorithm: str | None = None, stride: int = 1, seed: int = 0) -> TopK:
         """Top-k for each history given in the dataset's own item ids (oldest first).
 
-        num_samples: S, the noise draws averaged (default: the checkpoint's); algorithm: "alg3" (one pass per seed, default) or
-        "alg2" (the reverse process; `stride` > 1 visits every stride-th step, DDIM-style);
+        num_samples: S, the noise draws averaged (default: the checkpoint's); algorithm: "alg3"
+        (one pass per draw, default) or "alg2" (the reverse process; `stride` > 1 visits every stride-th step, DDIM-style);
         exclude_seen: never return an item of the user's history. Histories longer than T - 1
         are read from their most recent T - 1 items (all of them are excluded)."""
         dense = self.to_dense(histories)
@@ -794,7 +795,8 @@ class InferenceEngine(EngineBase):
         return {**super().describe(), "cuda_graphs": self.cuda_graphs, "scoring": self.scoring}
 
     def _make_pass(self, ids, num_samples):
-        return _SharedHistoryPass(self, ids, num_samples) if self.shares_history else _FullSequencePass(self, ids, num_samples)
+        pass_class = _SharedHistoryPass if self.shares_history else _FullSequencePass
+        return pass_class(self, ids, num_samples)
 
     def _batch_rows(self, users: int) -> int:
         if not self.cuda_graphs:

@@ -93,7 +93,8 @@ def predict_h0(model: DSR, ids: torch.Tensor, num_samples: int = 10, method: str
     if noise is None:
         noise = torch.randn(len(visited), batch, num_samples, dim, generator=generator, device=device, dtype=dtype)
     if noise.shape != (len(visited), batch, num_samples, dim):
-        raise ValueError(f"noise must be [m, B, S, d] = {(len(visited), batch, num_samples, dim)}, got {tuple(noise.shape)}")
+        raise ValueError(f"noise must be [m, B, S, d] = {(len(visited), batch, num_samples, dim)}, "
+                         f"got {tuple(noise.shape)}")
     noise = noise.reshape(len(visited), batch * num_samples, dim)
     n = model.num_steps
     unk = model.item_vectors(torch.tensor(model.unk_id, device=device))

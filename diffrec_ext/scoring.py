@@ -444,7 +444,8 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, num_sa
     num_samples, algorithm = engine.check_options(num_samples, algorithm, stride)
     out = Path(out)
     options = json.loads(json.dumps({
-        "k": k, "exclude_seen": bool(exclude_seen), "num_samples": num_samples, "algorithm": algorithm, "stride": stride,
+        "k": k, "exclude_seen": bool(exclude_seen), "num_samples": num_samples, "algorithm": algorithm,
+        "stride": stride,
         "seed": seed, "chunk_users": chunk_users, "format": output_format, "input": source.fingerprint,
         **(identity or {})}))
     rank, world = rank_and_world_size()
@@ -490,8 +491,9 @@ def score(engine, source, out, *, k: int = 10, exclude_seen: bool = True, num_sa
                     check_room(k, engine.num_items, chunk.histories, chunk.where)
                 except ItemsLeftError as error:
                     raise ScoringError(f"{error}; lower -k or pass --no-exclude-seen") from None
-            ids, scores = engine.recommend_dense(chunk.histories, k=k, exclude_seen=exclude_seen, num_samples=num_samples,
-                                                 algorithm=algorithm, stride=stride, seed=batch_seed(seed, index))
+            ids, scores = engine.recommend_dense(chunk.histories, k=k, exclude_seen=exclude_seen,
+                                                 num_samples=num_samples, algorithm=algorithm, stride=stride,
+                                                 seed=batch_seed(seed, index))
             writer.write(index, chunk.users, ids, scores)
             scored += count
             bar.update(count)

@@ -2,7 +2,8 @@
 optional extra: `pip install 'diffrec-ext[serve]'`).
 
     POST /recommend  {"history": [item, ...], "k": 10, "exclude_seen": true}
-        -> 200 {"items": [...], "scores": [...], "k": 10, "exclude_seen": true, "algorithm": "alg3", "num_samples": 10, ...}
+        -> 200 {"items": [...], "scores": [...], "k": 10, "exclude_seen": true, "algorithm": "alg3",
+                "num_samples": 10, ...}
     POST /recommend  {"histories": [[item, ...], ...], "k": 10}
         -> 200 {"results": [{"items": [...], "scores": [...]}, ...], "k": 10, ...}
     GET  /health     -> 200 {"status": "ok", "model": {...}, "options": {...}, "limits": {...}}

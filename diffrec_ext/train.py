@@ -109,7 +109,8 @@ def evaluate(model: DSR, dataset: SequenceDataset, split: str = "valid", *, num_
                              cuda_graphs=False)
     with autocast_context(device, bf16):
         ranks = engine.target_ranks(
-            batch.histories, batch.targets, exclude_seen=exclude_seen, num_samples=num_samples, algorithm=algorithm, seed=seed,
+            batch.histories, batch.targets, exclude_seen=exclude_seen, num_samples=num_samples, algorithm=algorithm,
+            seed=seed,
             stride=stride, seen_offsets=batch.seen_offsets, seen_items=batch.seen_items, progress=progress,
             shard=(rank, world_size),
         )
@@ -378,9 +379,9 @@ class Trainer:
             self.loss_module = DistributedDataParallel(
                 self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
         self.item_ids = [dataset.item_original_ids[i] for i in range(1, dataset.num_items + 1)]
-        self.eval_options = dict(num_samples=config.num_samples, algorithm=config.inference, exclude_seen=config.eval_exclude_seen,
-                                 seed=config.seed, batch_size=config.eval_batch_size, bf16=self.bf16,
-                                 sharded=replicas.size > 1)
+        self.eval_options = dict(num_samples=config.num_samples, algorithm=config.inference,
+                                 exclude_seen=config.eval_exclude_seen, seed=config.seed,
+                                 batch_size=config.eval_batch_size, bf16=self.bf16, sharded=replicas.size > 1)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
