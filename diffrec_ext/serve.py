@@ -484,13 +484,14 @@ def create_app(engine, limits: ServeLimits | None = None, options: ServeOptions 
     # hands the endpoint the Request directly (see _request_route_class).
     request_body = {"required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}
     router = APIRouter(route_class=_request_route_class())
+    read_request = _request_reader(RecommendRequest, models["fields"], limits)
 
     # the route's body limit sits inside _Guard, which answers a declared oversize body first
     @router.post("/recommend", response_model=OneAnswer | ManyAnswers, responses=errors,
                  summary="top-k items for one history or several", max_body_size=limits.max_body_bytes,
                  openapi_extra={"requestBody": request_body})
     async def recommend(request: Request):
-        body = await _read_request(request, RecommendRequest, models["fields"], limits)
+        body = await read_request(request)
         if isinstance(body, JSONResponse):
             return body
         single = body.history is not None
@@ -560,27 +561,31 @@ def _add_error_handlers(app) -> None:
         return JSONResponse({"error": "internal error while ranking; see the server log"}, status_code=500)
 
 
-async def _read_request(request, request_model, fields, limits: ServeLimits):
-    """The validated request body, or the JSONResponse that refuses it (413, 400 or 422)."""
+def _request_reader(request_model, fields, limits: ServeLimits):
+    """`read(request)`: the validated request body, or the JSONResponse that refuses it (413, 400
+    or 422). Made once per app, so that a request does not repeat the imports."""
     from fastapi.responses import JSONResponse
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
-    try:
-        raw = await request.body()
-    except HTTPException as error:  # the route's count of a chunked body over the limit
-        if error.status_code != 413:
-            raise
-        return JSONResponse({"error": f"body exceeds the limit of {limits.max_body_bytes} bytes"}, status_code=413,
-                            headers={"Connection": "close"})
-    if not raw:
-        return JSONResponse({"error": f"the body is empty: send a JSON object with the fields {fields}"},
-                            status_code=400)
-    try:
-        return request_model.model_validate_json(raw)
-    except ValidationError as error:
-        status, message = validation_answer(error.errors(include_url=False), fields)
-        return JSONResponse({"error": message}, status_code=status)
+    async def read(request):
+        try:
+            raw = await request.body()
+        except HTTPException as error:  # the route's count of a chunked body over the limit
+            if error.status_code != 413:
+                raise
+            return JSONResponse({"error": f"body exceeds the limit of {limits.max_body_bytes} bytes"},
+                                status_code=413, headers={"Connection": "close"})
+        if not raw:
+            return JSONResponse({"error": f"the body is empty: send a JSON object with the fields {fields}"},
+                                status_code=400)
+        try:
+            return request_model.model_validate_json(raw)
+        except ValidationError as error:
+            status, message = validation_answer(error.errors(include_url=False), fields)
+            return JSONResponse({"error": message}, status_code=status)
+
+    return read
 
 
 def _dense_histories(engine, histories, single: bool, k: int, exclude_seen: bool) -> list[list[int]]:
